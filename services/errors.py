@@ -1,0 +1,57 @@
+"""Typed errors. Each carries the field and the value that caused it so that the
+gRPC edge can map it to a status code that names the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TokenlineError(Exception):
+    """Base class of every error tokenline raises on purpose."""
+
+
+class InvalidParameterError(TokenlineError, ValueError):
+    """A request or configuration field holds a value that is not allowed."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}={_short(value)}: {reason}")
+
+
+class UnsupportedModelError(TokenlineError):
+    """The checkpoint's architecture has no forward code in tokenline."""
+
+    def __init__(self, architecture: str, supported: tuple[str, ...]) -> None:
+        self.architecture = architecture
+        self.supported = supported
+        super().__init__(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported)}"
+        )
+
+
+class ModelNotFoundError(TokenlineError):
+    """No model of that name is served here."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"model {model!r} is not served here")
+
+
+class QueueFullError(TokenlineError):
+    """Admission refused: the model's queue is at its bound."""
+
+    def __init__(self, model: str, depth: int, limit: int, retry_after_s: float) -> None:
+        self.model = model
+        self.depth = depth
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"queue for model {model!r} is full ({depth}/{limit}); retry after {retry_after_s:.1f}s"
+        )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,201 @@
+"""Typed messages that cross a process boundary.
+
+The engine core consumes ``SamplingParams`` and emits token ids only; text and
+stop strings live on the output side (detokenizer). Every message here is a
+frozen dataclass with a ``to_dict``/``from_dict`` pair so that the Redis queue
+can carry it as JSON without an untyped dict leaking into the code.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from services.errors import InvalidParameterError
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended. ``None`` (not an enum member) means "still running"."""
+
+    STOP = "stop"  # an EOS / stop token id, or a stop string on the output side
+    LENGTH = "length"  # max_tokens or the model's context reached
+    ABORT = "abort"  # cancelled by the client or the system
+    ERROR = "error"  # the request failed (dead-lettered); never produced by a healthy engine
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next tokens of one request.
+
+    ``seed`` makes sampling reproducible: the random draw for output token ``i``
+    depends only on ``(seed, i)``, never on the batch or the replica.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: disabled
+    min_p: float = 0.0
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()  # applied by the detokenizer, not by the engine
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # number of top alternatives to return per token
+
+    def __post_init__(self) -> None:
+        # Tuples keep the dataclass hashable and immutable even when callers pass lists.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate(self) -> None:
+        _finite("temperature", self.temperature)
+        if self.temperature < 0.0:
+            raise InvalidParameterError("temperature", self.temperature, "must be >= 0")
+        _finite("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameterError("top_p", self.top_p, "must be in (0, 1]")
+        _integer("top_k", self.top_k)
+        if self.top_k < -1 or self.top_k == 0:
+            raise InvalidParameterError("top_k", self.top_k, "must be -1 (disabled) or >= 1")
+        _finite("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidParameterError("min_p", self.min_p, "must be in [0, 1]")
+        _integer("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            raise InvalidParameterError("max_tokens", self.max_tokens, "must be >= 1")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError("stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
+        for text in self.stop:
+            if not isinstance(text, str) or not text or len(text) > MAX_STOP_STRING_CHARS:
+                raise InvalidParameterError(
+                    "stop", text, f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters"
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidParameterError(
+                "stop_token_ids", len(self.stop_token_ids), f"at most {MAX_STOP_TOKEN_IDS} ids"
+            )
+        for token_id in self.stop_token_ids:
+            _integer("stop_token_ids", token_id)
+            if token_id < 0:
+                raise InvalidParameterError("stop_token_ids", token_id, "must be >= 0")
+        if self.seed is not None:
+            _integer("seed", self.seed)
+            if not 0 <= self.seed <= MAX_SEED:
+                raise InvalidParameterError("seed", self.seed, f"must be in [0, {MAX_SEED}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _finite(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidParameterError(name, value, "must be in [-2, 2]")
+        _finite("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise InvalidParameterError("repetition_penalty", self.repetition_penalty, "must be > 0")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise InvalidParameterError("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+
+    def with_max_tokens(self, max_tokens: int) -> SamplingParams:
+        return replace(self, max_tokens=max_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["stop"] = list(self.stop)
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidParameterError("sampling", sorted(unknown), "unknown fields")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One accepted request, as the ingress appends it to the model's queue."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0
+    tenant: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "prompt_token_ids": list(self.prompt_token_ids),
+            "params": self.params.to_dict(),
+            "priority": self.priority,
+            "arrival_time": self.arrival_time,
+            "tenant": self.tenant,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        return cls(
+            request_id=str(data["request_id"]),
+            model=str(data["model"]),
+            prompt_token_ids=tuple(int(t) for t in data["prompt_token_ids"]),
+            params=SamplingParams.from_dict(dict(data["params"])),
+            priority=int(data.get("priority", 0)),
+            arrival_time=float(data.get("arrival_time", 0.0)),
+            tenant=str(data.get("tenant", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """New output tokens of one request: ids for output indices
+    ``[start_index, start_index + len(token_ids))``. The last chunk of a request
+    has ``finish_reason`` set and carries the usage."""
+
+    request_id: str
+    start_index: int
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str = ""
+    logprobs: tuple[float, ...] = field(default=())
+
+    @property
+    def end_index(self) -> int:
+        return self.start_index + len(self.token_ids)
+
+
+def _finite(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameterError(name, value, "must be a finite number")
+
+
+def _integer(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(name, value, "must be an integer")
