@@ -1,0 +1,75 @@
+"""`tokenline ...`: the command line. Each sub-command imports only what it needs,
+so `tokenline generate` starts fast and never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    result: int = handler(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenline", description="Distributed LLM serving on Ray Serve.")
+    commands = parser.add_subparsers(title="commands")
+
+    demo = commands.add_parser("demo-model", help="build (once; then cached) the demo checkpoint")
+    demo.add_argument("--out", type=Path, default=None, help="target directory (default: user cache)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="rebuild even when cached")
+    demo.set_defaults(handler=_demo_model)
+
+    bench = commands.add_parser("bench", help="benchmarks (ratios against baselines, one run)")
+    bench_kinds = bench.add_subparsers(title="benchmarks")
+    engine = bench_kinds.add_parser("engine", help="engine vs transformers generate / generate_batch")
+    engine.add_argument("--json", type=Path, default=None, help="write the results here")
+    engine.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
+    engine.set_defaults(handler=_bench_engine)
+
+    _add_serving_commands(commands)
+    return parser
+
+
+def _add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The serving commands live in their own module; imported lazily to keep startup fast."""
+    try:
+        from services.cli_serving import add_serving_commands
+    except ImportError:  # the serving stack is optional for offline use of the engine
+        return
+    add_serving_commands(commands)
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from services.demo import build_demo_model
+
+    path = build_demo_model(args.out, seed=args.seed, force=args.force, log=_stderr)
+    print(path)
+    return 0
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from loadtest.engine_bench import run_engine_benchmark
+
+    run_engine_benchmark(quick=args.quick, json_path=args.json)
+    return 0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

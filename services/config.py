@@ -1,0 +1,87 @@
+"""Settings of the whole application: one place for every default.
+
+``AppConfig`` loads from YAML (``cluster/serve-config.yaml``) for ``serve deploy``
+and from CLI flags for ``tokenline serve``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.engine.config import EngineConfig
+from services.queue.config import QueueConfig
+
+
+class EngineSettings(BaseModel):
+    """Engine knobs of one model; ``EngineConfig`` minus the checkpoint path."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = Field(default="cpu", description="'cpu' or 'cuda[:N]'; engine replicas reserve a GPU for cuda.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights and KV dtype.")
+    block_size: int = Field(default=16, description="Tokens per KV-cache block (power of two).")
+    kv_cache_memory_gib: float = Field(default=0.5, description="Memory for the paged KV cache per replica.")
+    max_num_seqs: int = Field(default=32, description="Most sequences one replica runs at once.")
+    max_num_batched_tokens: int = Field(default=512, description="Per-step token budget (chunked prefill).")
+    max_model_len: int | None = Field(default=None, description="Context limit; None: the model's own.")
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prompt prefixes.")
+    num_threads: int = Field(default=1, ge=1, description="torch intra-op threads per engine replica.")
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        options = self.model_dump(exclude={"num_threads"})
+        return EngineConfig(model=model_path, **options)
+
+
+class ModelConfig(BaseModel):
+    """One served model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="demo", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="The name clients send in GenerateRequest.model.")
+    path: str | None = Field(default=None, description="Checkpoint directory; None: the built-in demo model.")
+    engine_replicas: int = Field(default=1, ge=1, description="Engine replicas pulling this model's queue.")
+    engine_num_cpus: float = Field(default=0.0, ge=0.0, description="CPUs each engine replica reserves in Ray.")
+    engine_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs each engine replica reserves in Ray.")
+    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request leaves it unset.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+
+class AppConfig(BaseModel):
+    """The serving application: models, Redis, gRPC edge and queue policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: tuple[ModelConfig, ...] = Field(default=(ModelConfig(),), min_length=1)
+    default_model: str = Field(default="", description="Model used when a request names none; '' = the first.")
+    redis_url: str = Field(default="", description="Redis URL; '' makes `tokenline serve` start a private one.")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="Port of Ray Serve's gRPC proxy.")
+    grpc_max_message_bytes: int = Field(default=4 << 20, ge=1024,
+                                        description="Largest gRPC message the proxy accepts or sends.")
+    app_name: str = Field(default="tokenline", description="Ray Serve application name.")
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: duplicate names in {names}")
+        if self.default_model and self.default_model not in names:
+            raise ValueError(f"default_model: {self.default_model!r} is not one of {names}")
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+    def model(self, name: str) -> ModelConfig | None:
+        wanted = name or self.default_model_name
+        return next((m for m in self.models if m.name == wanted), None)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> AppConfig:
+        return cls.model_validate(yaml.safe_load(path.read_text()) or {})

@@ -1,0 +1,64 @@
+"""Engine configuration: a small validated dataclass with one default per knob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.errors import InvalidParameterError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs to run one model on one device.
+
+    ``max_num_batched_tokens`` is the per-step token budget shared by the decodes of
+    all running sequences and the prefill chunks of new ones (chunked prefill).
+    """
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gib when set
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds requests that come without one
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidParameterError("model", self.model, "a checkpoint directory is required")
+        if self.dtype not in _DTYPES:
+            raise InvalidParameterError("dtype", self.dtype, f"must be one of {sorted(_DTYPES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise InvalidParameterError("device", self.device, "must be 'cpu' or 'cuda[:N]'")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidParameterError("block_size", self.block_size, "must be a power of two")
+        if self.kv_cache_memory_gib <= 0:
+            raise InvalidParameterError("kv_cache_memory_gib", self.kv_cache_memory_gib, "must be > 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidParameterError("num_kv_blocks", self.num_kv_blocks, "must be >= 1")
+        if self.max_num_seqs < 1:
+            raise InvalidParameterError("max_num_seqs", self.max_num_seqs, "must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InvalidParameterError(
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                f"must be >= max_num_seqs ({self.max_num_seqs}) so every running sequence can decode",
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidParameterError("max_model_len", self.max_model_len, "must be >= 2")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

@@ -1,0 +1,63 @@
+"""Building blocks shared by every Llama-family layer: RMSNorm and the gated MLP.
+
+Parameters are created empty; the loader assigns the checkpoint's tensors. The
+model is built under ``torch.device("meta")`` so that construction never
+allocates or initialises memory that the checkpoint would overwrite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def empty_parameter(*shape: int) -> nn.Parameter:
+    """A placeholder for a checkpoint tensor; inference never needs gradients."""
+    return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation over the last dimension, scaled by a learned weight."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_parameter(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One fused kernel; it accumulates in float32 for half-precision inputs.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` with checkpoint-assigned parameters (``nn.Linear`` would random-init)."""
+
+    bias: nn.Parameter | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = empty_parameter(out_features, in_features)
+        self.bias = empty_parameter(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    ``gate_proj`` and ``up_proj`` live in one matrix (gate rows first) so that
+    a step reads the input once and launches one matmul instead of two.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return out

@@ -1,0 +1,163 @@
+"""Loads a Hugging Face checkpoint directory straight into :class:`LlamaFamilyModel`.
+
+Reads ``config.json``, ``generation_config.json`` (optional) and the
+safetensors weights (one file, or shards listed by
+``model.safetensors.index.json``) without instantiating any ``transformers``
+model. Every expected tensor must be present with the expected shape, and
+every tensor present must be used: a silently dropped weight (a bias the
+config does not announce, say) would serve wrong outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from services.engine.models.llama import LlamaFamilyModel, WeightSource, checkpoint_layout
+from services.engine.models.rope import RotaryEmbedding
+from services.engine.models.spec import ModelSpec, spec_from_config
+from services.errors import InvalidParameterError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed from the config; old checkpoints saved it
+_NAMES_SHOWN = 5
+
+Checkpoint = Mapping[str, Any]  # tensor name -> the open safetensors file that holds it
+
+
+def load_model(
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype
+) -> tuple[LlamaFamilyModel, ModelSpec]:
+    """Builds the model on ``device`` with every weight in ``dtype``; returns it with its spec."""
+    started = time.monotonic()
+    model_dir = Path(model_dir)
+    if dtype not in SUPPORTED_DTYPES:
+        raise InvalidParameterError("dtype", dtype, f"supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    spec = spec_from_config(
+        _read_json(model_dir / "config.json", required=True),
+        _read_json(model_dir / "generation_config.json", required=False),
+    )
+    rotary = RotaryEmbedding(spec.rope, spec.head_dim, device)
+    with torch.device("meta"):
+        model = LlamaFamilyModel(spec, rotary)
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+    layout = checkpoint_layout(spec)
+    with _open_checkpoint(model_dir) as checkpoint:
+        _check_names(layout, checkpoint, spec)
+        state = {name: _assemble(src, shapes[name], checkpoint, device, dtype) for name, src in layout.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    logger.info(
+        "model loaded",
+        extra={
+            "model_dir": str(model_dir),
+            "architecture": spec.architecture,
+            "num_layers": spec.num_layers,
+            "parameters": sum(param.numel() for param in model.parameters()),
+            "dtype": str(dtype),
+            "device": str(device),
+            "load_seconds": round(time.monotonic() - started, 3),
+        },
+    )
+    return model, spec
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise InvalidParameterError("model_dir", str(path.parent), f"no {path.name} in the directory")
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidParameterError("model_dir", str(path), f"unreadable JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise InvalidParameterError("model_dir", str(path), "expected a JSON object")
+    return content
+
+
+@contextmanager
+def _open_checkpoint(model_dir: Path) -> Iterator[Checkpoint]:
+    """Opens every safetensors file once (memory-mapped) and maps each tensor name to its file."""
+    index = model_dir / _INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, required=True).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InvalidParameterError("model_dir", str(index), "index has no 'weight_map' object")
+        files = sorted({model_dir / str(file) for file in weight_map.values()})
+    elif (model_dir / _SINGLE_FILE).is_file():
+        files = [model_dir / _SINGLE_FILE]
+    else:
+        raise InvalidParameterError(
+            "model_dir", str(model_dir), f"no {_SINGLE_FILE} or {_INDEX_FILE} (only safetensors is supported)"
+        )
+
+    with ExitStack() as stack:
+        checkpoint: dict[str, Any] = {}
+        for file in files:
+            if not file.is_file():
+                raise InvalidParameterError("model_dir", str(model_dir), f"shard {file.name} is missing")
+            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                if name in checkpoint:
+                    raise InvalidParameterError("model_dir", str(model_dir), f"{name} is in two shards")
+                checkpoint[name] = handle
+        yield checkpoint
+
+
+def _check_names(layout: Mapping[str, WeightSource], checkpoint: Checkpoint, spec: ModelSpec) -> None:
+    expected = {name for source in layout.values() for name in source.names}
+    missing = sorted(expected - checkpoint.keys())
+    if missing:
+        raise InvalidParameterError(
+            "checkpoint", f"{len(missing)} missing", f"{spec.architecture} needs {_preview(missing)}"
+        )
+    unexpected = sorted(
+        name
+        for name in checkpoint.keys() - expected
+        if not name.endswith(_IGNORED_SUFFIXES)
+        # Tied checkpoints may still carry a copy of the embedding as lm_head.
+        and not (spec.tie_word_embeddings and name == "lm_head.weight")
+    )
+    if unexpected:
+        raise InvalidParameterError(
+            "checkpoint",
+            f"{len(unexpected)} unexpected",
+            f"weights unknown to {spec.architecture} with this config: {_preview(unexpected)}",
+        )
+
+
+def _assemble(
+    source: WeightSource,
+    shape: tuple[int, ...],
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reads (and, for fused parameters, stacks) the source tensors, converted to ``dtype`` on ``device``."""
+    parts = []
+    for name, rows in zip(source.names, source.rows, strict=True):
+        handle = checkpoint[name]
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != (rows, *shape[1:]):
+            raise InvalidParameterError(name, found, f"expected shape {(rows, *shape[1:])}")
+        parts.append(handle.get_tensor(name).to(device=device, dtype=dtype))
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
+def _preview(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown if len(names) <= _NAMES_SHOWN else f"{shown} (+{len(names) - _NAMES_SHOWN} more)"

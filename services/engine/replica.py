@@ -1,0 +1,217 @@
+"""An engine replica: the one place where the engine core meets the Redis queue.
+
+A background thread runs the loop: renew leases, reclaim requests whose holder
+died, pull only as much new work as fits, run one engine step, and write every
+running request's new tokens in one Redis pipeline (which also brings back the
+cancellations). Ray Serve calls ``check_health``; it fails when the loop has not
+made progress for ``stall_after_s``, and Serve then replaces the replica. Its
+requests are left pending in Redis and a live replica resumes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine
+from services.engine.outputs import RequestOutput
+from services.errors import InvalidParameterError
+from services.messages import FinishReason, TokenChunk, Usage
+from services.queue import ClaimedRequest, EngineQueue, QueueConfig
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_MS = 50  # how long an idle replica blocks on the queue before it looks around again
+
+
+@dataclass
+class _Held:
+    entry_id: str
+    next_index: int  # output index of the next token this replica will write
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    pid: int
+    consumer: str
+    running: int
+    waiting: int
+    held_request_ids: tuple[str, ...]
+    free_blocks: int
+    steps: int
+    seconds_since_progress: float
+
+
+class EngineReplica:
+    def __init__(
+        self,
+        model_name: str,
+        engine_config: EngineConfig,
+        redis_url: str,
+        queue_config: QueueConfig,
+        num_threads: int = 1,
+        stall_after_s: float = 30.0,
+    ) -> None:
+        torch.set_num_threads(num_threads)
+        self.model_name = model_name
+        self.engine = Engine(engine_config)
+        self.queue = EngineQueue(redis_url, queue_config)
+        self.queue.ensure_group(model_name)
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lease_s = queue_config.lease_s
+        self._stall_after_s = stall_after_s
+        self._held: dict[str, _Held] = {}
+        self._last_progress = time.monotonic()
+        self._paused = threading.Event()  # test hook for the "stuck loop" fault; see pause_loop
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- control plane (called by Ray Serve) ----------------------------------------------
+    def check_health(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"engine loop died: {self._error!r}")
+        stalled = time.monotonic() - self._last_progress
+        if stalled > self._stall_after_s:
+            raise RuntimeError(f"engine loop made no progress for {stalled:.1f}s")
+
+    def status(self) -> ReplicaStatus:
+        capacity = self.engine.capacity()
+        return ReplicaStatus(
+            pid=os.getpid(),
+            consumer=self.consumer,
+            running=capacity.running,
+            waiting=capacity.waiting,
+            held_request_ids=tuple(self._held),
+            free_blocks=capacity.free_blocks,
+            steps=self.engine.stats.steps,
+            seconds_since_progress=time.monotonic() - self._last_progress,
+        )
+
+    def pause_loop(self) -> None:
+        """Freeze the loop while the process stays alive: how tests produce a stuck engine."""
+        self._paused.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.queue.close()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_renew = next_reclaim = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if self._paused.is_set():
+                    time.sleep(0.1)
+                    continue
+                self._last_progress = now = time.monotonic()
+                if now >= next_renew:
+                    self._renew_leases()
+                    next_renew = now + self._lease_s / 3
+                if now >= next_reclaim:
+                    self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()))
+                    next_reclaim = now + self._lease_s / 2
+                busy = self.engine.has_unfinished()
+                room = self._room()
+                if room:
+                    wait_ms = 0 if busy else IDLE_WAIT_MS
+                    self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms))
+                if self.engine.has_unfinished():
+                    self._step()
+        except BaseException as exc:  # the health check reports it; Serve replaces the replica
+            self._error = exc
+            logger.exception("engine loop died", extra={"model": self.model_name, "consumer": self.consumer})
+
+    def _room(self) -> int:
+        """New requests this replica can take now: free batch slots, and only while nothing
+        it already holds is waiting for KV blocks (pulling more would just hoard work)."""
+        capacity = self.engine.capacity()
+        if capacity.waiting or capacity.free_blocks == 0:
+            return 0
+        return capacity.free_slots
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        chunks = [self._chunk(out) for out in outputs if out.request_id in self._held]
+        running = [rid for rid in self._held if rid not in {c.request_id for c in chunks if c.finish_reason}]
+        cancelled = self.queue.append_and_poll_cancels(self.model_name, chunks, running)
+        for chunk in chunks:
+            if chunk.finish_reason is not None:
+                self._finish(chunk.request_id)
+        for request_id in cancelled:
+            self.engine.abort(request_id)
+            self._end(request_id, FinishReason.ABORT)
+
+    def _chunk(self, out: RequestOutput) -> TokenChunk:
+        held = self._held[out.request_id]
+        held.next_index = out.start_index + len(out.new_token_ids)
+        usage = None
+        if out.finished:
+            usage = Usage(out.num_prompt_tokens, held.next_index, out.num_cached_tokens)
+        return TokenChunk(
+            request_id=out.request_id,
+            start_index=out.start_index,
+            token_ids=out.new_token_ids,
+            finish_reason=out.finish_reason,
+            usage=usage,
+            logprobs=tuple(entry.logprob for entry in out.logprobs),
+        )
+
+    def _admit_all(self, claimed: list[ClaimedRequest]) -> None:
+        for item in claimed:
+            self._admit(item)
+
+    def _admit(self, item: ClaimedRequest) -> None:
+        request = item.request
+        self._held[request.request_id] = _Held(item.entry_id, 0, len(request.prompt_token_ids))
+        if item.cancelled:
+            self._end(request.request_id, FinishReason.ABORT)
+            return
+        produced: list[int] = []
+        if item.deliveries > 1:  # someone ran it before: resume after what reached the stream
+            produced, finished = self.queue.read_output_tokens(request.request_id)
+            if finished:
+                self._finish(request.request_id)
+                return
+        self._held[request.request_id].next_index = len(produced)
+        try:
+            self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
+                                    priority=request.priority, output_prefix=produced)
+        except InvalidParameterError as exc:
+            self._end(request.request_id, FinishReason.ERROR, error=str(exc))
+            return
+        logger.info("request admitted", extra={"request_id": request.request_id, "resumed_tokens": len(produced),
+                                               "deliveries": item.deliveries})
+
+    def _end(self, request_id: str, reason: FinishReason, error: str = "") -> None:
+        """Write a final chunk for a request the engine did not finish by itself, and release it."""
+        held = self._held[request_id]
+        usage = Usage(held.num_prompt_tokens, held.next_index, 0)
+        self.queue.append([TokenChunk(request_id, held.next_index, (), reason, usage, error)])
+        self._finish(request_id)
+
+    def _finish(self, request_id: str) -> None:
+        held = self._held.pop(request_id)
+        self.queue.finish(self.model_name, held.entry_id, request_id)
+
+    def _renew_leases(self) -> None:
+        if not self._held:
+            return
+        entry_to_request = {held.entry_id: rid for rid, held in self._held.items()}
+        lost = self.queue.renew(self.model_name, self.consumer, list(entry_to_request))
+        for entry_id in lost:
+            request_id = entry_to_request[entry_id]
+            logger.warning("lease lost; dropping request", extra={"request_id": request_id})
+            self.engine.abort(request_id)
+            self._held.pop(request_id, None)

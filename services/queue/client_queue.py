@@ -1,0 +1,128 @@
+"""Client side of the request queue: enqueue, cancel, read output.
+
+Asynchronous: the ingress and detokenizer deployments serve many streams on one
+event loop, and a blocked output read must not hold up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from services.errors import InvalidParameterError, QueueFullError
+from services.messages import GenerationRequest, TokenChunk
+from services.queue import codec
+from services.queue.config import QueueConfig
+from services.queue.keys import ENGINE_GROUP, QueueKeys, check_request_id
+from services.queue.output_stream import OutputCursor, advance
+from services.queue.scripts import LuaScript
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_READ_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    """An accepted request. ``duplicate``: the request id was already accepted earlier,
+    this call added no work; its output stream is the one to read."""
+
+    request_id: str
+    entry_id: str
+    duplicate: bool
+
+
+class QueueClient:
+    """The queue as the ingress and the detokenizer see it."""
+
+    def __init__(self, url: str, config: QueueConfig | None = None) -> None:
+        self._config = config or QueueConfig()
+        self._keys = QueueKeys(self._config.key_prefix)
+        # RESP2 and raw bytes: the shapes the codec reads (token ids are packed binary).
+        self._redis = aioredis.Redis.from_url(url, protocol=2, decode_responses=False)
+        self._scripts: dict[LuaScript, AsyncScript] = {
+            script: self._redis.register_script(script.value) for script in LuaScript
+        }
+
+    async def __aenter__(self) -> QueueClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def enqueue(self, request: GenerationRequest) -> EnqueueResult:
+        """Durably accept a request, or raise QueueFullError with a retry hint.
+
+        Safe to retry after a connection error: a repeat of an accepted request id
+        comes back as a duplicate and adds no work.
+        """
+        keys = self._keys.for_model(request.model)
+        config = self._config
+        reply = await self._scripts[LuaScript.ENQUEUE](
+            keys=[keys.requests, keys.active, self._keys.idempotency(request.request_id)],
+            args=[
+                request.request_id,
+                config.max_queue_depth,
+                config.idempotency_ttl_ms,
+                ENGINE_GROUP,
+                *codec.flatten(codec.encode_request(request)),
+            ],
+        )
+        status, value = codec.as_text(reply[0]), reply[1]
+        if status == "full":
+            logger.info(
+                "enqueue refused: queue full",
+                extra={"model": request.model, "request_id": request.request_id, "depth": int(value)},
+            )
+            raise QueueFullError(request.model, int(value), config.max_queue_depth, config.retry_after_s)
+        return EnqueueResult(request.request_id, codec.as_text(value), duplicate=status == "duplicate")
+
+    async def cancel(self, model: str, request_id: str) -> bool:
+        """Ask the engine holding the request (or the next one to claim it) to end it with ABORT.
+
+        Returns False when the request is not active (unknown or already finished).
+        """
+        keys = self._keys.for_model(model)
+        check_request_id(request_id)
+        marked = await self._scripts[LuaScript.CANCEL](keys=[keys.active, keys.cancelled], args=[request_id])
+        return bool(marked)
+
+    async def read(
+        self, cursor: OutputCursor, block_ms: int, max_entries: int = DEFAULT_READ_ENTRIES
+    ) -> tuple[list[TokenChunk], OutputCursor]:
+        """New output of a request after ``cursor``, waiting up to ``block_ms`` (0: do not wait).
+
+        Every returned chunk starts at the previous one's end, from ``cursor.next_index``
+        on, so a reader never sees an index twice even when two engines wrote overlapping
+        ranges. Start with ``OutputCursor(request_id)`` (or ``next_index`` set to the
+        tokens already seen) and pass back the cursor each call returns; once
+        ``cursor.finished`` is set nothing more will come.
+        """
+        if isinstance(block_ms, bool) or not isinstance(block_ms, int) or block_ms < 0:
+            raise InvalidParameterError("block_ms", block_ms, "must be an integer >= 0")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise InvalidParameterError("max_entries", max_entries, "must be an integer >= 1")
+        if cursor.finished:
+            return [], cursor
+        key = self._keys.output(cursor.request_id)
+        reply = await self._redis.xread({key: cursor.entry_id}, count=max_entries, block=block_ms or None)
+        entries = codec.decode_chunk_entries(cursor.request_id, codec.stream_entries(reply))
+        return advance(cursor, entries)
+
+    async def depth(self, model: str) -> int:
+        """Accepted-but-unfinished requests of ``model`` (what admission compares to the bound)."""
+        return int(await self._redis.hlen(self._keys.for_model(model).active))
+
+    async def exists(self, request_id: str) -> bool:
+        """Whether the request id is known: still remembered for idempotency, or its output is retained."""
+        keys = (self._keys.idempotency(request_id), self._keys.output(request_id))
+        return int(await self._redis.exists(*keys)) > 0

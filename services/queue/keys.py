@@ -1,0 +1,74 @@
+"""Names of every Redis key the queue owns.
+
+Layout (prefix ``tl``):
+
+- ``tl:{model}:requests``  request stream; consumer group ``engines``
+- ``tl:{model}:active``    hash request_id -> entry id of accepted-but-unfinished requests (admission)
+- ``tl:{model}:cancelled`` set of request ids a client cancelled while they were active
+- ``tl:{model}:dead``      dead-letter stream
+- ``tl:out:{request_id}``  output stream of one request
+- ``tl:idem:{request_id}`` idempotency marker of one request id
+
+Per-model suffixes contain no ``:``, so two models can never share a key. Only a
+model whose first segment is a shared namespace (``out``, ``idem``) could collide
+with per-request keys, and such names are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.errors import InvalidParameterError
+
+ENGINE_GROUP = "engines"
+_SHARED_NAMESPACES = frozenset({"out", "idem"})
+MAX_NAME_CHARS = 512
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    requests: str
+    active: str
+    cancelled: str
+    dead: str
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    prefix: str = "tl"
+
+    def for_model(self, model: str) -> ModelKeys:
+        _check_model(model)
+        base = f"{self.prefix}:{model}"
+        return ModelKeys(
+            requests=f"{base}:requests",
+            active=f"{base}:active",
+            cancelled=f"{base}:cancelled",
+            dead=f"{base}:dead",
+        )
+
+    def output(self, request_id: str) -> str:
+        check_request_id(request_id)
+        return f"{self.prefix}:out:{request_id}"
+
+    def idempotency(self, request_id: str) -> str:
+        check_request_id(request_id)
+        return f"{self.prefix}:idem:{request_id}"
+
+
+def check_request_id(request_id: str) -> None:
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_NAME_CHARS:
+        raise InvalidParameterError("request_id", request_id, f"must be 1..{MAX_NAME_CHARS} characters")
+    if not request_id.isprintable():
+        raise InvalidParameterError("request_id", request_id, "must not contain control characters")
+
+
+def _check_model(model: str) -> None:
+    if not isinstance(model, str) or not model or len(model) > MAX_NAME_CHARS:
+        raise InvalidParameterError("model", model, f"must be 1..{MAX_NAME_CHARS} characters")
+    if not model.isprintable():
+        raise InvalidParameterError("model", model, "must not contain control characters")
+    if model.split(":", 1)[0] in _SHARED_NAMESPACES:
+        raise InvalidParameterError(
+            "model", model, f"must not start with a reserved key namespace {sorted(_SHARED_NAMESPACES)}"
+        )

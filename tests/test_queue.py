@@ -1,0 +1,324 @@
+"""The Redis Streams request queue against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.errors import InvalidParameterError, QueueFullError
+from services.messages import FinishReason, GenerationRequest, SamplingParams, TokenChunk, Usage
+from services.queue import EngineQueue, OutputCursor, QueueClient, QueueConfig, RedisServer
+from services.queue.codec import decode_chunk, decode_request, encode_chunk, encode_request
+from services.queue.keys import QueueKeys
+from services.queue.output_stream import advance
+
+MODEL = "demo"
+KEYS = QueueKeys()
+T = TypeVar("T")
+
+
+def request(request_id: str, prompt: tuple[int, ...] = (1, 2, 3)) -> GenerationRequest:
+    params = SamplingParams(temperature=0.0, max_tokens=8, seed=7, stop=("\n",))
+    return GenerationRequest(request_id, MODEL, prompt, params, priority=1, arrival_time=12.5, tenant="t")
+
+
+def with_client(url: str, config: QueueConfig, body: Callable[[QueueClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with QueueClient(url, config) as client:
+            return await body(client)
+
+    return asyncio.run(main())
+
+
+def enqueue_all(url: str, config: QueueConfig, *requests: GenerationRequest) -> None:
+    async def body(client: QueueClient) -> None:
+        for item in requests:
+            await client.enqueue(item)
+
+    with_client(url, config, body)
+
+
+def read_all(url: str, request_id: str, max_entries: int = 256) -> list[TokenChunk]:
+    async def body(client: QueueClient) -> list[TokenChunk]:
+        cursor, chunks = OutputCursor(request_id), []
+        while not cursor.finished:
+            batch, cursor = await client.read(cursor, block_ms=2000, max_entries=max_entries)
+            chunks.extend(batch)
+        return chunks
+
+    return with_client(url, QueueConfig(), body)
+
+
+def test_round_trip_enqueue_claim_append_read_finish(redis_url: str) -> None:
+    config = QueueConfig()
+    enqueue_all(redis_url, config, request("r1"))
+    with EngineQueue(redis_url, config) as engine:
+        (claimed,) = engine.claim(MODEL, "engine-a", max_count=4, block_ms=100)
+        assert claimed.request == request("r1")
+        assert (claimed.deliveries, claimed.cancelled) == (1, False)
+        engine.append([TokenChunk("r1", 0, (10, 11), logprobs=(-0.5, -0.25))])
+        usage = Usage(prompt_tokens=3, completion_tokens=3)
+        engine.append([TokenChunk("r1", 2, (12,), finish_reason=FinishReason.LENGTH, usage=usage)])
+        assert engine.finish(MODEL, claimed.entry_id, "r1") is True
+    chunks = read_all(redis_url, "r1")
+    assert [c.token_ids for c in chunks] == [(10, 11), (12,)]
+    assert chunks[0].logprobs == (-0.5, -0.25)
+    assert (chunks[-1].finish_reason, chunks[-1].usage) == (FinishReason.LENGTH, usage)
+    assert with_client(redis_url, config, lambda client: client.depth(MODEL)) == 0
+    with redis.Redis.from_url(redis_url) as raw:
+        assert raw.xlen(KEYS.for_model(MODEL).requests) == 0, "a finished request leaves the stream"
+
+
+def test_claim_takes_only_as_many_as_asked(redis_url: str) -> None:
+    config = QueueConfig()
+    enqueue_all(redis_url, config, request("a"), request("b"), request("c"))
+    with EngineQueue(redis_url, config) as engine:
+        assert [c.request.request_id for c in engine.claim(MODEL, "e", 2, 0)] == ["a", "b"]
+        assert [c.request.request_id for c in engine.claim(MODEL, "e", 0, 0)] == []
+        assert [c.request.request_id for c in engine.claim(MODEL, "e", 5, 0)] == ["c"]
+        assert engine.claim(MODEL, "e", 5, 0) == []
+
+
+def test_same_request_id_twice_is_one_request(redis_url: str) -> None:
+    config = QueueConfig()
+
+    async def body(client: QueueClient) -> tuple[bool, bool, str, str, int, bool]:
+        first = await client.enqueue(request("dup"))
+        second = await client.enqueue(request("dup"))
+        return (
+            first.duplicate, second.duplicate, first.entry_id, second.entry_id,
+            await client.depth(MODEL), await client.exists("dup"),
+        )  # fmt: skip
+
+    first_dup, second_dup, first_id, second_id, depth, known = with_client(redis_url, config, body)
+    assert (first_dup, second_dup, depth, known) == (False, True, 1, True)
+    assert first_id == second_id
+    with EngineQueue(redis_url, config) as engine:
+        assert len(engine.claim(MODEL, "e", 10, 0)) == 1
+
+
+def test_admission_bound_refuses_with_retry_hint_and_finish_frees_one_slot(redis_url: str) -> None:
+    config = QueueConfig(max_queue_depth=2, retry_after_s=2.5)
+    enqueue_all(redis_url, config, request("a"), request("b"))
+    with pytest.raises(QueueFullError) as refused:
+        enqueue_all(redis_url, config, request("c"))
+    assert (refused.value.depth, refused.value.limit, refused.value.retry_after_s) == (2, 2, 2.5)
+    with EngineQueue(redis_url, config) as engine:
+        first = engine.claim(MODEL, "e", 1, 0)[0]
+        assert engine.finish(MODEL, first.entry_id, "a") is True
+        assert engine.finish(MODEL, first.entry_id, "a") is False, "a second finish must not free a slot"
+    enqueue_all(redis_url, config, request("c"))
+    with pytest.raises(QueueFullError):
+        enqueue_all(redis_url, config, request("d"))
+
+
+def test_expired_lease_is_reclaimed_with_the_tokens_already_written(redis_url: str) -> None:
+    config = QueueConfig(lease_s=0.3)
+    enqueue_all(redis_url, config, request("r"))
+    with EngineQueue(redis_url, config) as engine:
+        (held,) = engine.claim(MODEL, "engine-a", 1, 0)
+        engine.append([TokenChunk("r", 0, (4, 5, 6))])
+        assert engine.reclaim_expired(MODEL, "engine-b", 4) == [], "the lease has not run out yet"
+        time.sleep(0.4)
+        (taken,) = engine.reclaim_expired(MODEL, "engine-b", 4)
+        assert (taken.entry_id, taken.request, taken.deliveries) == (held.entry_id, request("r"), 2)
+        assert engine.read_output_tokens("r") == ([4, 5, 6], False)
+        assert engine.renew(MODEL, "engine-a", [held.entry_id]) == {held.entry_id}, "engine-a lost it"
+        assert engine.renew(MODEL, "engine-b", [held.entry_id]) == set()
+
+
+def test_renewed_lease_is_not_reclaimed(redis_url: str) -> None:
+    config = QueueConfig(lease_s=0.6)
+    enqueue_all(redis_url, config, request("r"))
+    with EngineQueue(redis_url, config) as engine:
+        (held,) = engine.claim(MODEL, "engine-a", 1, 0)
+        for _ in range(3):
+            time.sleep(0.3)
+            assert engine.renew(MODEL, "engine-a", [held.entry_id]) == set()
+        assert engine.reclaim_expired(MODEL, "engine-b", 4) == []
+
+
+def test_request_delivered_too_often_is_dead_lettered_with_an_error_chunk(redis_url: str) -> None:
+    config = QueueConfig(lease_s=0.1, max_deliveries=2)
+    enqueue_all(redis_url, config, request("poison"))
+    with EngineQueue(redis_url, config) as engine:
+        assert len(engine.claim(MODEL, "a", 1, 0)) == 1
+        time.sleep(0.15)
+        assert [c.deliveries for c in engine.reclaim_expired(MODEL, "b", 1)] == [2]
+        time.sleep(0.15)
+        assert engine.reclaim_expired(MODEL, "c", 1) == [], "a third delivery exceeds max_deliveries"
+        time.sleep(0.15)
+        assert engine.reclaim_expired(MODEL, "d", 1) == [], "never handed out again"
+    final = read_all(redis_url, "poison")[-1]
+    assert final.finish_reason is FinishReason.ERROR
+    assert "delivered 3 times" in final.error
+    with redis.Redis.from_url(redis_url) as raw:
+        (dead,) = raw.xrange(KEYS.for_model(MODEL).dead)
+        assert dead[1][b"id"] == b"poison" and dead[1][b"deliveries"] == b"3"
+    assert with_client(redis_url, config, lambda client: client.depth(MODEL)) == 0
+
+
+def test_unreadable_entry_is_dead_lettered_not_handed_out(redis_url: str) -> None:
+    config = QueueConfig()
+    enqueue_all(redis_url, config, request("good"))
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.xadd(KEYS.for_model(MODEL).requests, {"v": "99", "id": "future"})
+    with EngineQueue(redis_url, config) as engine:
+        assert [c.request.request_id for c in engine.claim(MODEL, "e", 10, 0)] == ["good"]
+    with redis.Redis.from_url(redis_url) as raw:
+        (dead,) = raw.xrange(KEYS.for_model(MODEL).dead)
+        assert b"codec version" in dead[1][b"reason"]
+
+
+def test_cancel_reaches_the_engine_holding_the_request(redis_url: str) -> None:
+    config = QueueConfig()
+    enqueue_all(redis_url, config, request("keep"), request("stop"))
+    with EngineQueue(redis_url, config) as engine:
+        held = engine.claim(MODEL, "e", 2, 0)
+        assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "stop")) is True
+        step = [TokenChunk("keep", 0, (1,)), TokenChunk("stop", 0, (2,))]
+        assert engine.append_and_poll_cancels(MODEL, step, ["keep", "stop"]) == {"stop"}
+        assert engine.cancelled(MODEL, ["keep", "stop"]) == {"stop"}
+        engine.append([TokenChunk("stop", 1, (), finish_reason=FinishReason.ABORT)])
+        engine.finish(MODEL, held[1].entry_id, "stop")
+        assert engine.cancelled(MODEL, ["stop"]) == set(), "finishing clears the cancel mark"
+    assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "stop")) is False
+    assert read_all(redis_url, "stop")[-1].finish_reason is FinishReason.ABORT
+
+
+def test_cancel_of_a_queued_request_is_seen_at_claim(redis_url: str) -> None:
+    config = QueueConfig()
+    enqueue_all(redis_url, config, request("queued"))
+    assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "queued")) is True
+    with EngineQueue(redis_url, config) as engine:
+        (claimed,) = engine.claim(MODEL, "e", 1, 0)
+        assert claimed.cancelled is True
+
+
+def test_reader_never_sees_an_index_twice_when_two_writers_overlap(redis_url: str) -> None:
+    expected = list(range(100, 110))
+    with EngineQueue(redis_url, QueueConfig()) as engine:
+        # engine-a stalls after 5 tokens; engine-b resumes from the 3 it saw; a wakes up.
+        engine.append([TokenChunk("r", 0, tuple(expected[0:3]))])
+        engine.append([TokenChunk("r", 3, tuple(expected[3:5]))])
+        engine.append([TokenChunk("r", 3, tuple(expected[3:7]))])
+        engine.append([TokenChunk("r", 5, tuple(expected[5:8]))])
+        engine.append([TokenChunk("r", 7, tuple(expected[7:10]), finish_reason=FinishReason.STOP)])
+        engine.append([TokenChunk("r", 8, tuple(expected[8:10]), finish_reason=FinishReason.STOP)])
+        assert engine.read_output_tokens("r") == (expected, True)
+    for max_entries in (1, 2, 256):
+        chunks = read_all(redis_url, "r", max_entries)
+        indices = [chunk.start_index + offset for chunk in chunks for offset in range(len(chunk.token_ids))]
+        assert indices == list(range(10))
+        assert [token for chunk in chunks for token in chunk.token_ids] == expected
+
+
+def test_blocked_read_wakes_when_the_engine_writes(redis_url: str) -> None:
+    async def body(client: QueueClient) -> tuple[list[TokenChunk], float]:
+        def write_later() -> None:
+            time.sleep(0.2)
+            with EngineQueue(redis_url) as engine:
+                engine.append([TokenChunk("r", 0, (42,))])
+
+        started = time.monotonic()
+        (chunks, _), _ = await asyncio.gather(
+            client.read(OutputCursor("r"), 5000), asyncio.to_thread(write_later)
+        )
+        return chunks, time.monotonic() - started
+
+    chunks, waited = with_client(redis_url, QueueConfig(), body)
+    assert [c.token_ids for c in chunks] == [(42,)]
+    assert 0.15 < waited < 4.0
+
+
+def test_redis_sigkill_and_restart_loses_no_accepted_request() -> None:
+    config = QueueConfig(lease_s=0.2)
+    accepted = [request(f"r{i}") for i in range(20)]
+    with RedisServer(appendfsync="always") as server:
+        enqueue_all(server.url, config, *accepted)
+        with EngineQueue(server.url, config) as engine:
+            running = engine.claim(MODEL, "engine-a", 5, 0)
+        server.kill()
+        server.restart()
+        time.sleep(0.3)
+        with EngineQueue(server.url, config) as engine:
+            fresh = engine.claim(MODEL, "engine-b", 100, 0)
+            reclaimed = engine.reclaim_expired(MODEL, "engine-b", 100)
+        assert {c.entry_id for c in reclaimed} == {c.entry_id for c in running}
+        recovered = sorted(c.request.request_id for c in fresh + reclaimed)
+        assert recovered == sorted(r.request_id for r in accepted)
+        assert with_client(server.url, config, lambda client: client.depth(MODEL)) == 20
+
+
+def test_output_stream_expires_after_its_final_entry(redis_url: str) -> None:
+    config = QueueConfig(output_ttl_s=0.3)
+    key = KEYS.output("r")
+    with EngineQueue(redis_url, config) as engine, redis.Redis.from_url(redis_url) as raw:
+        engine.append([TokenChunk("r", 0, (1, 2))])
+        assert raw.pttl(key) == -1, "a running request's output must not expire"
+        engine.append([TokenChunk("r", 2, (3,), finish_reason=FinishReason.STOP)])
+        assert 0 < raw.pttl(key) <= 300
+        time.sleep(0.45)
+        assert raw.exists(key) == 0
+
+
+def test_model_names_that_would_collide_with_shared_keys_are_refused(redis_url: str) -> None:
+    with EngineQueue(redis_url) as engine, pytest.raises(InvalidParameterError) as refused:
+        engine.claim("out:x", "e", 1, 0)
+    assert refused.value.field == "model"
+
+
+def test_codec_round_trips_requests_and_chunks() -> None:
+    assert decode_request(
+        {k.encode(): v for k, v in encode_request(request("r", (0, 2**32 - 1))).items()}
+    ) == (request("r", (0, 2**32 - 1)))
+    chunk = TokenChunk("r", 4, (1, 2), FinishReason.STOP, Usage(3, 6, 1), "", (-1.0, -0.5))
+    assert decode_chunk("r", {k.encode(): v for k, v in encode_chunk(chunk).items()}) == chunk
+    with pytest.raises(InvalidParameterError) as refused:
+        encode_request(request("r", (-1,)))
+    assert refused.value.field == "prompt_token_ids"
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(0, 1000), min_size=1, max_size=30), data=st.data())
+def test_reader_sees_each_index_once_for_any_overlap_and_read_split(
+    tokens: list[int], data: st.DataObject
+) -> None:
+    # Writer b resumes from a point writer a had already reached; after that both keep writing.
+    first = _split(tokens, 0, data)
+    cut = data.draw(st.integers(0, len(tokens)))
+    reached = next(i for i, chunk in enumerate(first) if chunk.start_index >= cut)
+    merged, rest, second = first[:reached], first[reached:], _split(tokens, cut, data)
+    while rest or second:
+        source = rest if not second or (rest and data.draw(st.booleans())) else second
+        merged.append(source.pop(0))
+    entries = [(f"{i + 1}-0", chunk) for i, chunk in enumerate(merged)]
+    cursor = OutputCursor("r")
+    seen: list[tuple[int, int]] = []
+    while entries:
+        take = data.draw(st.integers(1, len(entries)))
+        batch, cursor = advance(cursor, entries[:take])
+        entries = entries[take:]
+        seen.extend(
+            (chunk.start_index + i, token) for chunk in batch for i, token in enumerate(chunk.token_ids)
+        )
+    assert seen == list(enumerate(tokens))
+    assert cursor.finished
+
+
+def _split(tokens: list[int], start: int, data: st.DataObject) -> list[TokenChunk]:
+    """One writer's chunks from ``start`` to the end, in random sizes, then its final chunk."""
+    chunks, index = [], start
+    while index < len(tokens):
+        size = data.draw(st.integers(1, len(tokens) - index))
+        chunks.append(TokenChunk("r", index, tuple(tokens[index : index + size])))
+        index += size
+    chunks.append(TokenChunk("r", len(tokens), (), FinishReason.STOP))
+    return chunks
