@@ -36,7 +36,7 @@ class ModelShape:
             **fields,
             tie_word_embeddings=False,
             rms_norm_eps=1e-5,
-            rope_theta=10000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             bos_token_id=None,
             eos_token_id=None,
             pad_token_id=0,
@@ -79,17 +79,17 @@ class BenchModel:
 def build_checkpoint(shape: ModelShape, directory: Path, seed: int) -> BenchModel:
     """Write a seeded random-init float32 checkpoint of ``shape`` into ``directory``."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(shape.to_config()).to(torch.float32)
+    model = LlamaForCausalLM(shape.to_config())  # float32: torch's default dtype
     # Random init gives the logits a narrow spread; that is fine for timing, and greedy
     # agreement between implementations is only reported, never required.
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=None, eos_token_id=None, pad_token_id=0, do_sample=False
     )
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     num_params = sum(p.numel() for p in model.parameters())
     element = torch.empty((), dtype=torch.float32).element_size()
-    embedding_params = model.get_input_embeddings().weight.numel()
+    embedding_params = model.model.embed_tokens.weight.numel()
     return BenchModel(
         shape=shape,
         path=directory,

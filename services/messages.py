@@ -199,3 +199,35 @@ def _finite(name: str, value: Any) -> None:
 def _integer(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameterError(name, value, "must be an integer")
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """Ingress -> detokenizer: stream the text of one request's output stream.
+
+    ``from_token`` skips output indices the client already has (a resumed stream).
+    """
+
+    request_id: str
+    model: str
+    stop: tuple[str, ...] = ()
+    from_token: int = 0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Detokenizer -> ingress: new text and the token ids it came from.
+
+    ``token_index`` is the output index of ``token_ids[0]``. The last delta of a
+    request has ``finish_reason`` set, and ``usage`` for a finished request.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    token_index: int = 0
+    finish_reason: FinishReason | None = None
+    matched_stop: str = ""
+    usage: Usage | None = None
+    error: str = ""
+    logprobs: tuple[float, ...] = ()

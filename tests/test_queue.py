@@ -134,6 +134,17 @@ def test_expired_lease_is_reclaimed_with_the_tokens_already_written(redis_url: s
         assert engine.renew(MODEL, "engine-b", [held.entry_id]) == set()
 
 
+def test_expired_request_behind_many_live_ones_is_found(redis_url: str) -> None:
+    config = QueueConfig(lease_s=0.3, max_queue_depth=64)
+    enqueue_all(redis_url, config, *(request(f"r{i:02}") for i in range(40)))
+    with EngineQueue(redis_url, config) as engine:
+        held = engine.claim(MODEL, "engine-a", 40, 0)
+        time.sleep(0.35)
+        assert engine.renew(MODEL, "engine-a", [c.entry_id for c in held[:-1]]) == set()
+        (taken,) = engine.reclaim_expired(MODEL, "engine-b", 1)
+        assert taken.request.request_id == "r39"
+
+
 def test_renewed_lease_is_not_reclaimed(redis_url: str) -> None:
     config = QueueConfig(lease_s=0.6)
     enqueue_all(redis_url, config, request("r"))
@@ -143,6 +154,14 @@ def test_renewed_lease_is_not_reclaimed(redis_url: str) -> None:
             time.sleep(0.3)
             assert engine.renew(MODEL, "engine-a", [held.entry_id]) == set()
         assert engine.reclaim_expired(MODEL, "engine-b", 4) == []
+
+
+def test_engine_calls_on_a_model_nobody_enqueued_to_yet(redis_url: str) -> None:
+    with EngineQueue(redis_url) as engine:
+        assert engine.reclaim_expired("fresh", "e", 4) == []
+        assert engine.renew("fresh", "e", ["1-0"]) == {"1-0"}
+        assert engine.claim("fresh", "e", 4, block_ms=10) == []
+        assert engine.finish("fresh", "1-0", "unknown") is False
 
 
 def test_request_delivered_too_often_is_dead_lettered_with_an_error_chunk(redis_url: str) -> None:

@@ -120,27 +120,6 @@ def decode_chunk(request_id: str, fields: RawFields) -> TokenChunk:
         raise InvalidParameterError("output entry", sorted(fields), f"cannot decode: {exc}") from exc
 
 
-def flatten(fields: Fields) -> list[bytes | str]:
-    """Field/value pairs as one flat argument list, the form Lua scripts receive."""
-    flat: list[bytes | str] = []
-    for name, value in fields.items():
-        flat.extend((name, value))
-    return flat
-
-
-def pairs_to_fields(flat: Iterable[bytes]) -> dict[bytes, bytes]:
-    """A flat field/value array, as a Lua script returns an entry, back into a mapping."""
-    items = list(flat)
-    return dict(zip(items[::2], items[1::2], strict=True))
-
-
-def _required(fields: RawFields, name: str) -> bytes:
-    value = fields.get(name.encode())
-    if value is None:
-        raise KeyError(f"missing field {name!r}")
-    return value
-
-
 def decode_chunk_entries(
     request_id: str, entries: Iterable[tuple[Any, Any]] | None
 ) -> list[tuple[str, TokenChunk]]:
@@ -164,3 +143,24 @@ def stream_entries(reply: Any) -> list[tuple[str, RawFields]]:
 
 def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def flatten(fields: Fields) -> list[bytes | str]:
+    """Field/value pairs as one flat argument list, the form Lua scripts receive."""
+    flat: list[bytes | str] = []
+    for name, value in fields.items():
+        flat.extend((name, value))
+    return flat
+
+
+def pairs_to_fields(flat: Iterable[bytes]) -> dict[bytes, bytes]:
+    """A flat field/value array, as a Lua script returns an entry, back into a mapping."""
+    items = list(flat)
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _required(fields: RawFields, name: str) -> bytes:
+    value = fields.get(name.encode())
+    if value is None:
+        raise KeyError(f"missing field {name!r}")
+    return value

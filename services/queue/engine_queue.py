@@ -41,7 +41,8 @@ class ClaimedRequest:
 
 
 class EngineQueue:
-    """The queue as one engine replica sees it. Not thread-safe beyond what redis-py's pool gives."""
+    """The queue as one engine replica sees it. Safe to share between threads: every call
+    takes its own connection from redis-py's pool."""
 
     def __init__(self, url: str, config: QueueConfig | None = None) -> None:
         self._config = config or QueueConfig()
@@ -238,7 +239,8 @@ def _members(candidates: Sequence[str], flags: Sequence[int]) -> set[str]:
 
 
 def _is_missing_group(exc: ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
+    # Raised directly or wrapped in a script error, so match anywhere in the message.
+    return "NOGROUP" in str(exc)
 
 
 def _check_consumer(consumer: str) -> None:

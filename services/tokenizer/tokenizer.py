@@ -24,7 +24,6 @@ from services.tokenizer.prompt import (
     ChatPrompt,
     Prompt,
     TextPrompt,
-    TokenIdsPrompt,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,9 @@ class PromptTokenizer:
         except (OSError, ValueError) as error:
             raise InvalidParameterError("checkpoint_dir", str(path), f"no tokenizer: {error}") from error
         if not getattr(tokenizer, "is_fast", False):
-            raise InvalidParameterError("checkpoint_dir", str(path), "needs a fast tokenizer (tokenizer.json)")
+            raise InvalidParameterError(
+                "checkpoint_dir", str(path), "needs a tokenizer.json (fast tokenizer)"
+            )
         self._tokenizer = tokenizer
         self._backend = tokenizer.backend_tokenizer
         # Some tokenizer.json files carry truncation or padding settings; either would
@@ -51,9 +52,12 @@ class PromptTokenizer:
         self._backend.no_truncation()
         self._backend.no_padding()
         self._max_context_length = _positive_int(config, "max_position_embeddings", path)
+        # Ids the tokenizer knows and the model's embedding has rows for; either may be
+        # the larger (embeddings are often padded to a multiple of 64).
         model_vocab = config.get("vocab_size")
-        tokenizer_vocab = len(tokenizer)
-        self._vocab_size = min(tokenizer_vocab, model_vocab) if isinstance(model_vocab, int) else tokenizer_vocab
+        self._vocab_size = (
+            min(len(tokenizer), model_vocab) if isinstance(model_vocab, int) else len(tokenizer)
+        )
         self._eos_token_ids = _eos_token_ids(config, _read_json(path / "generation_config.json"), tokenizer)
         logger.info(
             "tokenizer loaded",
@@ -176,7 +180,7 @@ class PromptTokenizer:
             # that do not alternate) by raising from inside the template.
             raise InvalidParameterError("prompt.chat", len(messages), f"chat template: {error}") from error
         if not isinstance(rendered, str):
-            raise InvalidParameterError("prompt.chat", type(rendered).__name__, "template did not render text")
+            raise InvalidParameterError("prompt.chat", type(rendered).__name__, "template rendered no text")
         return rendered
 
     def _checked_length(self, ids: list[int]) -> list[int]:
@@ -198,7 +202,8 @@ def _check_text(field: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         # Lone surrogates cannot become UTF-8 bytes, so no tokenizer can represent them.
-        raise InvalidParameterError(field, text[error.start : error.end], f"not valid Unicode: {error.reason}")
+        bad = text[error.start : error.end]
+        raise InvalidParameterError(field, bad, f"not valid Unicode: {error.reason}") from error
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -220,11 +225,14 @@ def _positive_int(config: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
-def _eos_token_ids(config: dict[str, Any], generation_config: dict[str, Any] | None, tokenizer: Any) -> tuple[int, ...]:
+def _eos_token_ids(
+    config: dict[str, Any], generation_config: dict[str, Any] | None, tokenizer: Any
+) -> tuple[int, ...]:
     """Union of the EOS ids the checkpoint declares anywhere; chat models often list
     several (end of turn and end of text) in generation_config.json only."""
     found: set[int] = set()
-    for source in (config.get("eos_token_id"), (generation_config or {}).get("eos_token_id"), tokenizer.eos_token_id):
+    declared = (config, generation_config or {}, {"eos_token_id": tokenizer.eos_token_id})
+    for source in (settings.get("eos_token_id") for settings in declared):
         candidates = source if isinstance(source, list) else [source]
         found.update(c for c in candidates if isinstance(c, int) and not isinstance(c, bool) and c >= 0)
     return tuple(sorted(found))

@@ -121,7 +121,8 @@ class LlamaFamilyModel(nn.Module):
     ) -> torch.Tensor:
         """``input_ids``, ``positions`` [T] int64 -> normalised hidden states [T, hidden_size]."""
         if len(kv_caches) != len(self.layers):
-            raise InvalidParameterError("kv_caches", len(kv_caches), f"expected {len(self.layers)}, one per layer")
+            expected = f"one per layer ({len(self.layers)})"
+            raise InvalidParameterError("kv_caches", len(kv_caches), expected)
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -157,13 +158,20 @@ def checkpoint_layout(spec: ModelSpec) -> dict[str, WeightSource]:
         ours, theirs = f"layers.{layer}", f"model.layers.{layer}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             layout[f"{ours}.{norm}.weight"] = _single(f"{theirs}.{norm}.weight", spec.hidden_size)
-        qkv = tuple(f"{theirs}.self_attn.{proj}_proj" for proj in "qkv")
-        gate_up = (f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj")
+        attn, mlp = f"{theirs}.self_attn", f"{theirs}.mlp"
         projections = {
-            f"{ours}.self_attn.qkv_proj": (qkv, (q_rows, kv_rows, kv_rows), spec.qkv_bias),
-            f"{ours}.self_attn.o_proj": ((f"{theirs}.self_attn.o_proj",), (spec.hidden_size,), spec.o_proj_bias),
-            f"{ours}.mlp.gate_up_proj": (gate_up, (spec.intermediate_size,) * 2, spec.mlp_bias),
-            f"{ours}.mlp.down_proj": ((f"{theirs}.mlp.down_proj",), (spec.hidden_size,), spec.mlp_bias),
+            f"{ours}.self_attn.qkv_proj": (
+                (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"),
+                (q_rows, kv_rows, kv_rows),
+                spec.qkv_bias,
+            ),
+            f"{ours}.self_attn.o_proj": ((f"{attn}.o_proj",), (spec.hidden_size,), spec.o_proj_bias),
+            f"{ours}.mlp.gate_up_proj": (
+                (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
+                (spec.intermediate_size, spec.intermediate_size),
+                spec.mlp_bias,
+            ),
+            f"{ours}.mlp.down_proj": ((f"{mlp}.down_proj",), (spec.hidden_size,), spec.mlp_bias),
         }
         for name, (sources, rows, has_bias) in projections.items():
             layout[f"{name}.weight"] = WeightSource(tuple(f"{s}.weight" for s in sources), rows)
@@ -179,4 +187,3 @@ def checkpoint_layout(spec: ModelSpec) -> dict[str, WeightSource]:
 
 def _single(name: str, rows: int) -> WeightSource:
     return WeightSource((name,), (rows,))
-

@@ -57,7 +57,10 @@ def load_model(
     layout = checkpoint_layout(spec)
     with _open_checkpoint(model_dir) as checkpoint:
         _check_names(layout, checkpoint, spec)
-        state = {name: _assemble(src, shapes[name], checkpoint, device, dtype) for name, src in layout.items()}
+        state = {
+            name: _assemble(source, shapes[name], checkpoint, device, dtype)
+            for name, source in layout.items()
+        }
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     logger.info(

@@ -42,8 +42,8 @@ def rope_spec_from_config(config: Mapping[str, Any]) -> RopeSpec:
     parameters = config.get("rope_parameters")
     if parameters is not None:
         field = "rope_parameters"
-        if not isinstance(parameters, Mapping) or ("rope_type" not in parameters and "type" not in parameters):
-            # Per-layer-type RoPE (a dict of dicts) belongs to other model families.
+        # Per-layer-type RoPE (a dict of dicts) belongs to other model families.
+        if not isinstance(parameters, Mapping) or not {"rope_type", "type"} & parameters.keys():
             raise InvalidParameterError(field, parameters, "expected one dict with a 'rope_type' key")
         theta = parameters.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
     else:

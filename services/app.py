@@ -1,0 +1,73 @@
+"""The builder: AppConfig -> Ray Serve application.
+
+Plain classes become deployments here and nowhere else: the tokenizer, one
+engine deployment per model, the detokenizer, and the ingress that Ray Serve's
+gRPC proxy routes to. ``build_app`` is also the import path for ``serve deploy``
+(``cluster/serve-config.yaml``), with the AppConfig given as the app's args.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from services.config import AppConfig, ModelConfig
+from services.detokenizer.service import DetokenizerService
+from services.engine.replica import EngineReplica
+from services.ingress.servicer import IngressService
+from services.tokenizer.service import TokenizerService
+
+GRPC_SERVICER_FUNCTION = "services.proto.tokenline.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
+ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
+# A long-lived stream occupies one slot of the ingress and detokenizer for its whole life.
+STREAMS_PER_REPLICA = 1000
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    """The checkpoint directory of a model; the demo model is built (once, then cached) if none is set."""
+    if model.path:
+        return model.path
+    from services.demo import build_demo_model
+
+    return str(build_demo_model())
+
+
+def build_app(config: AppConfig | dict[str, Any]) -> Application:
+    app_config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+    if not app_config.redis_url:
+        raise ValueError("redis_url: the application needs a Redis URL (tokenline serve starts one)")
+    paths = {model.name: resolve_model_path(model) for model in app_config.models}
+    no_cpu = {"num_cpus": 0}
+
+    tokenizer = serve.deployment(
+        TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
+    ).bind(paths, app_config.default_model_name)
+    detokenizer = serve.deployment(
+        DetokenizerService, name="detokenizer", ray_actor_options=no_cpu,
+        max_ongoing_requests=STREAMS_PER_REPLICA,
+    ).bind(paths, app_config.redis_url, app_config.queue)
+    engines = {
+        model.name: serve.deployment(
+            EngineReplica,
+            name=f"engine-{model.name}",
+            num_replicas=model.engine_replicas,
+            ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
+            health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
+            health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
+            # Work reaches engines through Redis, not through Serve; only control calls come this way.
+            max_ongoing_requests=8,
+        ).bind(
+            model.name,
+            model.engine.engine_config(paths[model.name]),
+            app_config.redis_url,
+            app_config.queue,
+            model.engine.num_threads,
+        )
+        for model in app_config.models
+    }
+    return serve.deployment(
+        IngressService, name="ingress", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
+    ).bind(app_config, app_config.redis_url, tokenizer, detokenizer, engines)

@@ -1,0 +1,85 @@
+"""A small gRPC client: `tokenline generate`, tests and load tests use it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+import grpc
+
+from services.proto.tokenline.v1 import generation_pb2 as pb
+from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    target: str = "127.0.0.1:50051"
+    model: str = ""
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    chat: bool = False
+    api_key: str | None = None
+    timeout_s: float = 120.0
+
+
+class TokenlineClient:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TokenlineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, request: pb.GenerateRequest, timeout_s: float = 120.0) -> pb.GenerateResponse:
+        response: pb.GenerateResponse = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+        return response
+
+    def stream(self, request: pb.GenerateRequest, timeout_s: float = 120.0
+               ) -> Iterator[pb.GenerateStreamResponse]:
+        responses: Iterator[pb.GenerateStreamResponse] = self.stub.GenerateStream(
+            request, timeout=timeout_s, metadata=self._metadata
+        )
+        return responses
+
+
+def build_request(prompt: str, options: GenerateOptions) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams()
+    if options.max_tokens is not None:
+        sampling.max_tokens = options.max_tokens
+    if options.temperature is not None:
+        sampling.temperature = options.temperature
+    if options.seed is not None:
+        sampling.seed = options.seed
+    request = pb.GenerateRequest(model=options.model, sampling=sampling)
+    if options.chat:
+        request.chat.messages.add(role="user", content=prompt)
+    else:
+        request.text = prompt
+    return request
+
+
+def generate_to_stdout(prompt: str, options: GenerateOptions, out: TextIO) -> int:
+    request = build_request(prompt, options)
+    with TokenlineClient(options.target, options.api_key) as client:
+        try:
+            if options.stream:
+                for message in client.stream(request, options.timeout_s):
+                    out.write(message.text)
+                    out.flush()
+                out.write("\n")
+            else:
+                out.write(client.generate(request, options.timeout_s).text + "\n")
+        except grpc.RpcError as error:
+            out.write(f"error: {error.code().name}: {error.details()}\n")
+            return 1
+    return 0

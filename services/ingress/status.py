@@ -1,0 +1,38 @@
+"""Typed errors -> gRPC status codes, set on Ray Serve's gRPC context.
+
+Ray Serve's proxy keeps a status code that the deployment set on its context
+before raising, so every refusal goes through ``RpcError`` here.
+"""
+
+from __future__ import annotations
+
+import grpc
+from ray.serve.grpc_util import RayServegRPCContext
+
+from services.errors import InvalidParameterError, ModelNotFoundError, QueueFullError, TokenlineError
+
+
+class RpcError(Exception):
+    """Ends an RPC with ``code`` and ``details``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        super().__init__(f"{code.name}: {details}")
+
+
+def rpc_error_for(error: TokenlineError) -> RpcError:
+    if isinstance(error, InvalidParameterError):
+        return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error.reason} (got {error.value!r})")
+    if isinstance(error, ModelNotFoundError):
+        return RpcError(grpc.StatusCode.NOT_FOUND, str(error))
+    if isinstance(error, QueueFullError):
+        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry-after-ms={round(error.retry_after_s * 1000)}")
+    return RpcError(grpc.StatusCode.INTERNAL, str(error))
+
+
+def abort(context: RayServegRPCContext, error: RpcError) -> RpcError:
+    """Record the status on the context and hand back the error for the caller to raise."""
+    context.set_code(error.code)
+    context.set_details(error.details)
+    return error

@@ -1,0 +1,64 @@
+"""The tokenizer deployment: prompts of every served model to token ids, batched.
+
+Errors come back as values, not exceptions: a typed InvalidParameterError
+survives the trip through Ray intact, and one bad prompt in a batch does not
+fail the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ray import serve
+
+from services.errors import InvalidParameterError, ModelNotFoundError
+from services.tokenizer.prompt import Prompt
+from services.tokenizer.tokenizer import PromptTokenizer
+
+
+@dataclass(frozen=True)
+class Encoded:
+    token_ids: tuple[int, ...] = ()
+    error: InvalidParameterError | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_context_length: int
+    vocab_size: int
+    is_default: bool
+
+
+class TokenizerService:
+    def __init__(self, model_paths: Mapping[str, str], default_model: str) -> None:
+        self._tokenizers = {name: PromptTokenizer(path) for name, path in model_paths.items()}
+        self._default_model = default_model
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(name, tok.max_context_length, tok.vocab_size, name == self._default_model)
+            for name, tok in self._tokenizers.items()
+        ]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def encode(self, requests: list[tuple[str, Prompt]]) -> list[Encoded]:
+        """Encode ``(model, prompt)`` pairs; calls arriving together run as one native batch per model."""
+        results: list[Encoded] = [Encoded() for _ in requests]
+        by_model: dict[str, list[int]] = {}
+        for index, (model, _) in enumerate(requests):
+            by_model.setdefault(model, []).append(index)
+        for model, indices in by_model.items():
+            tokenizer = self._tokenizers.get(model)
+            if tokenizer is None:
+                error = InvalidParameterError("model", model, str(ModelNotFoundError(model)))
+                for index in indices:
+                    results[index] = Encoded(error=error)
+                continue
+            encoded = tokenizer.encode_batch([requests[i][1] for i in indices])
+            for index, item in zip(indices, encoded, strict=True):
+                results[index] = Encoded(error=item) if isinstance(item, InvalidParameterError) else Encoded(
+                    tuple(item)
+                )
+        return results

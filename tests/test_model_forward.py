@@ -1,0 +1,319 @@
+"""Our Llama-family forward pass against the ``transformers`` reference, through the paged cache.
+
+Each family's logits must match the Hugging Face model (float32, eager
+attention, whole sequence at once) when the same tokens arrive as one prefill,
+as chunks on top of a cached prefix, and inside a mixed batch of decode
+tokens and prefill chunks with shuffled, non-contiguous block tables.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from services.engine.attention_batch import AttentionBatch, KVCache, PrefillSpan
+from services.engine.models import LlamaFamilyModel, ModelSpec, load_model
+from services.errors import InvalidParameterError, UnsupportedModelError
+from tests.checkpoints import KINDS, load_reference_model, make_tiny_checkpoint
+
+torch.set_num_threads(2)
+
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+NUM_BLOCKS = 96
+ATOL = 1e-4
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A sequence's tokens (known in advance), its blocks, and how much of it is cached."""
+
+    tokens: list[int]
+    blocks: list[int]
+    cached: int = 0
+    reference: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # HF logits per position
+
+    def slot(self, position: int) -> int:
+        return self.blocks[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+
+
+@dataclass
+class Harness:
+    model: LlamaFamilyModel
+    spec: ModelSpec
+    reference: torch.nn.Module
+    kv_caches: list[KVCache]
+    free_blocks: list[int]
+    rng: random.Random
+
+    def new_sequence(self, length: int) -> Sequence:
+        tokens = [self.rng.randrange(self.spec.vocab_size) for _ in range(length)]
+        blocks = [self.free_blocks.pop() for _ in range(-(-length // BLOCK_SIZE))]
+        with torch.no_grad():
+            reference = self.reference(torch.tensor([tokens])).logits[0]
+        return Sequence(tokens, blocks, reference=reference)
+
+    def step(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Runs one engine step (decodes first, then prefill chunks) and returns the logits of every row."""
+        scheduled = [(seq, 1) for seq in decodes] + prefills
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[PrefillSpan] = []
+        for index, (seq, count) in enumerate(scheduled):
+            start = len(ids)
+            for position in range(seq.cached, seq.cached + count):
+                ids.append(seq.tokens[position])
+                positions.append(position)
+                slots.append(seq.slot(position))
+            if index >= len(decodes):
+                context = seq.cached + count
+                table = torch.tensor(seq.blocks[: -(-context // BLOCK_SIZE)])
+                spans.append(PrefillSpan(start, len(ids), context, table))
+        width = max((len(seq.blocks) for seq in decodes), default=1)
+        padded_tables = [seq.blocks + [0] * (width - len(seq.blocks)) for seq in decodes]
+        lens = [seq.cached + 1 for seq in decodes]
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slots),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=torch.tensor(padded_tables, dtype=torch.long).reshape(len(decodes), width),
+            decode_context_lens=torch.tensor(lens, dtype=torch.long),
+            max_decode_context_len=max(lens, default=0),
+            prefills=tuple(spans),
+        )
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), batch, self.kv_caches)
+        for seq, count in scheduled:
+            seq.cached += count
+        return self.model.compute_logits(hidden)
+
+
+def expected_rows(scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
+    """The reference logits of the tokens a step just ran, in flat-batch order (call before the step)."""
+    return torch.cat([seq.reference[seq.cached : seq.cached + count] for seq, count in scheduled])
+
+
+def make_harness(checkpoint: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Harness:
+    model, spec = load_model(checkpoint, CPU, dtype)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
+    generator = torch.Generator().manual_seed(seed)
+    # Large finite garbage: a read of an unwritten or masked slot ruins parity instead of passing unseen.
+    kv_caches = [
+        (_garbage(shape, generator, dtype), _garbage(shape, generator, dtype)) for _ in range(spec.num_layers)
+    ]
+    rng = random.Random(seed)
+    free_blocks = list(range(NUM_BLOCKS))
+    rng.shuffle(free_blocks)  # sequences get scattered, non-contiguous blocks
+    return Harness(model, spec, load_reference_model(checkpoint), kv_caches, free_blocks, rng)
+
+
+def _garbage(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return (100 * torch.randn(shape, generator=generator)).to(dtype)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_whole_prompt_prefill_matches_reference(checkpoint: Path) -> None:
+    harness = make_harness(checkpoint)
+    seq = harness.new_sequence(37)
+    expected = expected_rows([(seq, 37)])
+    torch.testing.assert_close(harness.step([], [(seq, 37)]), expected, atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_over_cached_prefix_matches_reference(checkpoint: Path) -> None:
+    harness = make_harness(checkpoint)
+    seq = harness.new_sequence(41)
+    for chunk in (5, 7, 18, 11):  # chunks start mid-block and cross the sliding window
+        expected = expected_rows([(seq, chunk)])
+        torch.testing.assert_close(harness.step([], [(seq, chunk)]), expected, atol=ATOL, rtol=0)
+
+
+def test_mixed_decode_and_prefill_batch_matches_reference(checkpoint: Path) -> None:
+    harness = make_harness(checkpoint, seed=1)
+    decoding = [harness.new_sequence(length) for length in (23, 30, 9)]
+    harness.step([], [(seq, len(seq.tokens) - 3) for seq in decoding])
+    fresh, resumed = harness.new_sequence(13), harness.new_sequence(26)
+    harness.step([], [(resumed, 10)])
+
+    for _ in range(3):  # decodes at different context lengths, then prefill chunks, in one batch
+        scheduled = [(seq, 1) for seq in decoding] + [(fresh, 4), (resumed, 5)]
+        expected = expected_rows(scheduled)
+        logits = harness.step(decoding, [(fresh, 4), (resumed, 5)])
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+def test_decode_only_steps_match_reference(checkpoint: Path) -> None:
+    harness = make_harness(checkpoint, seed=2)
+    sequences = [harness.new_sequence(length) for length in (20, 6)]
+    harness.step([], [(seq, len(seq.tokens) - 4) for seq in sequences])
+    for _ in range(4):
+        expected = expected_rows([(seq, 1) for seq in sequences])
+        torch.testing.assert_close(harness.step(sequences, []), expected, atol=ATOL, rtol=0)
+    lone = harness.new_sequence(19)
+    harness.step([], [(lone, 18)])
+    expected = expected_rows([(lone, 1)])
+    torch.testing.assert_close(harness.step([lone], []), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides"),
+    [
+        pytest.param(
+            "llama",
+            {
+                "attention_bias": True,
+                "mlp_bias": True,
+                "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            },
+            id="llama-biases-linear-rope",
+        ),
+        pytest.param(
+            "qwen2",
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+            id="qwen2-window-on-upper-layers",
+        ),
+        pytest.param("qwen3", {"attention_bias": True, "tie_word_embeddings": True}, id="qwen3-bias-tied"),
+    ],
+)
+def test_config_variants_match_reference(kind: str, overrides: dict[str, Any], tmp_path: Path) -> None:
+    harness = make_harness(make_tiny_checkpoint(kind, tmp_path, seed=3, **overrides))
+    seq = harness.new_sequence(30)
+    expected = expected_rows([(seq, 27)])
+    torch.testing.assert_close(harness.step([], [(seq, 27)]), expected, atol=ATOL, rtol=0)
+    for _ in range(3):
+        expected = expected_rows([(seq, 1)])
+        torch.testing.assert_close(harness.step([seq], []), expected, atol=ATOL, rtol=0)
+
+
+def test_spec_reads_family_flags(tmp_path: Path) -> None:
+    specs = {kind: _spec(make_tiny_checkpoint(kind, tmp_path / kind)) for kind in KINDS}
+    assert specs["llama"].eos_token_ids == (2, 3)  # generation_config's list, config's 2 not repeated
+    assert specs["llama"].bos_token_id == 1
+    assert specs["llama"].rope.rope_type == "llama3"
+    assert specs["llama"].num_kv_heads == 2 and specs["llama"].num_heads == 4
+    assert specs["mistral"].sliding_windows == (16, 16)
+    assert specs["qwen2"].tie_word_embeddings and specs["qwen2"].qkv_bias and not specs["qwen2"].o_proj_bias
+    assert specs["qwen3"].head_dim == 32 and specs["qwen3"].qk_norm
+    assert [spec.architecture for spec in specs.values()] == [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    ]
+
+
+def test_old_style_rope_keys_read_like_rope_parameters(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("llama", tmp_path)
+    new_style = _spec(checkpoint)
+    config = _read_config(checkpoint)
+    parameters = config.pop("rope_parameters")
+    config["rope_theta"] = parameters.pop("rope_theta")
+    config["rope_scaling"] = {**parameters, "type": parameters.pop("rope_type")}  # oldest spelling
+    _write_config(checkpoint, config)
+    assert _spec(checkpoint) == new_style
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path) -> None:
+    single = make_tiny_checkpoint("qwen3", tmp_path / "single")
+    sharded = make_tiny_checkpoint("qwen3", tmp_path / "sharded", max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    single_state = load_model(single, CPU, torch.float32)[0].state_dict()
+    sharded_state = load_model(sharded, CPU, torch.float32)[0].state_dict()
+    assert single_state.keys() == sharded_state.keys()
+    for name, tensor in single_state.items():
+        torch.testing.assert_close(sharded_state[name], tensor, atol=0, rtol=0)
+
+
+def test_bfloat16_load_keeps_weights_in_bfloat16_and_logits_in_float32(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("llama", tmp_path)
+    harness = make_harness(checkpoint, dtype=torch.bfloat16)
+    assert {param.dtype for param in harness.model.parameters()} == {torch.bfloat16}
+    seq = harness.new_sequence(20)
+    expected = expected_rows([(seq, 20)])
+    logits = harness.step([], [(seq, 20)])
+    assert logits.dtype == torch.float32
+    # bf16 keeps ~3 significant digits; the reference logits span roughly +-6.
+    torch.testing.assert_close(logits, expected, atol=0.25, rtol=0)
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("llama", tmp_path)
+    _write_config(checkpoint, {**_read_config(checkpoint), "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        load_model(checkpoint, CPU, torch.float32)
+
+
+def test_unsupported_rope_type_is_named(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("qwen2", tmp_path)
+    config = _read_config(checkpoint)
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10_000.0}
+    _write_config(checkpoint, config)
+    with pytest.raises(InvalidParameterError, match="yarn") as error:
+        load_model(checkpoint, CPU, torch.float32)
+    assert error.value.field == "rope_parameters.rope_type"
+
+
+def test_missing_weight_is_named(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("mistral", tmp_path)
+    _edit_weights(checkpoint, lambda weights: weights.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(InvalidParameterError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(checkpoint, CPU, torch.float32)
+
+
+def test_untied_checkpoint_without_lm_head_is_refused(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("llama", tmp_path)
+    _edit_weights(checkpoint, lambda weights: weights.pop("lm_head.weight"))
+    with pytest.raises(InvalidParameterError, match=r"lm_head\.weight"):
+        load_model(checkpoint, CPU, torch.float32)
+
+
+def test_weight_the_config_does_not_announce_is_refused(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("llama", tmp_path)  # attention_bias is false
+    _edit_weights(
+        checkpoint,
+        lambda weights: weights.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)),
+    )
+    with pytest.raises(InvalidParameterError, match=r"unknown.*model\.layers\.0\.self_attn\.q_proj\.bias"):
+        load_model(checkpoint, CPU, torch.float32)
+
+
+def test_weight_of_wrong_shape_is_named(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("qwen3", tmp_path)
+    _edit_weights(
+        checkpoint,
+        lambda weights: weights.__setitem__("model.layers.0.self_attn.k_norm.weight", torch.ones(16)),
+    )
+    with pytest.raises(InvalidParameterError) as error:
+        load_model(checkpoint, CPU, torch.float32)
+    assert error.value.field == "model.layers.0.self_attn.k_norm.weight"
+    assert error.value.value == (16,)
+
+
+def _spec(checkpoint: Path) -> ModelSpec:
+    return load_model(checkpoint, CPU, torch.float32)[1]
+
+
+def _read_config(checkpoint: Path) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads((checkpoint / "config.json").read_text())
+    return config
+
+
+def _write_config(checkpoint: Path, config: dict[str, Any]) -> None:
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(checkpoint: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    path = checkpoint / "model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
