@@ -12,6 +12,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from services.config import AppConfig, ModelConfig
 from services.detokenizer.service import DetokenizerService
@@ -42,15 +43,17 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
     no_cpu = {"num_cpus": 0}
 
-    tokenizer = serve.deployment(
+    tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
     ).bind(paths, app_config.default_model_name)
-    detokenizer = serve.deployment(
-        DetokenizerService, name="detokenizer", ray_actor_options=no_cpu,
+    detokenizer = _deployment(
+        DetokenizerService,
+        name="detokenizer",
+        ray_actor_options=no_cpu,
         max_ongoing_requests=STREAMS_PER_REPLICA,
     ).bind(paths, app_config.redis_url, app_config.queue)
     engines = {
-        model.name: serve.deployment(
+        model.name: _deployment(
             EngineReplica,
             name=f"engine-{model.name}",
             num_replicas=model.engine_replicas,
@@ -68,6 +71,10 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         )
         for model in app_config.models
     }
-    return serve.deployment(
+    return _deployment(
         IngressService, name="ingress", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
     ).bind(app_config, app_config.redis_url, tokenizer, detokenizer, engines)
+
+
+def _deployment(cls: type, **options: Any) -> Deployment:
+    return serve.deployment(**options)(cls)

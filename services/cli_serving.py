@@ -10,10 +10,16 @@ from services.config import AppConfig, ModelConfig
 
 
 def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve_cmd = commands.add_parser("serve", help="run the serving stack (local Ray + private Redis by default)")
-    serve_cmd.add_argument("--config", type=Path, default=None, help="AppConfig YAML (flags below override it)")
+    serve_cmd = commands.add_parser(
+        "serve", help="run the serving stack (local Ray + private Redis by default)"
+    )
+    serve_cmd.add_argument(
+        "--config", type=Path, default=None, help="AppConfig YAML (flags below override it)"
+    )
     serve_cmd.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
-    serve_cmd.add_argument("--model-name", default=None, help="name clients use (default: 'demo' or dir name)")
+    serve_cmd.add_argument(
+        "--model-name", default=None, help="name clients use (default: 'demo' or dir name)"
+    )
     serve_cmd.add_argument("--redis-url", default=None, help="existing Redis (default: start a private one)")
     serve_cmd.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start one)")
     serve_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
@@ -46,8 +52,10 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
             model_updates["name"] = args.model_name
         if args.engine_replicas:
             model_updates["engine_replicas"] = args.engine_replicas
-        updates["models"] = (ModelConfig.model_validate({**base.model_dump(), **model_updates}),
-                             *config.models[1:])
+        updates["models"] = (
+            ModelConfig.model_validate({**base.model_dump(), **model_updates}),
+            *config.models[1:],
+        )
         updates["default_model"] = ""
     if args.redis_url:
         updates["redis_url"] = args.redis_url
@@ -66,7 +74,13 @@ def _generate(args: argparse.Namespace) -> int:
     from services.client import GenerateOptions, generate_to_stdout
 
     options = GenerateOptions(
-        target=args.target, model=args.model, stream=args.stream, max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=args.seed, chat=args.chat, api_key=args.api_key,
+        target=args.target,
+        model=args.model,
+        stream=args.stream,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        chat=args.chat,
+        api_key=args.api_key,
     )
     return generate_to_stdout(args.prompt, options, out=sys.stdout)

@@ -41,11 +41,14 @@ class TokenlineClient:
         self.close()
 
     def generate(self, request: pb.GenerateRequest, timeout_s: float = 120.0) -> pb.GenerateResponse:
-        response: pb.GenerateResponse = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+        response: pb.GenerateResponse = self.stub.Generate(
+            request, timeout=timeout_s, metadata=self._metadata
+        )
         return response
 
-    def stream(self, request: pb.GenerateRequest, timeout_s: float = 120.0
-               ) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(
+        self, request: pb.GenerateRequest, timeout_s: float = 120.0
+    ) -> Iterator[pb.GenerateStreamResponse]:
         responses: Iterator[pb.GenerateStreamResponse] = self.stub.GenerateStream(
             request, timeout=timeout_s, metadata=self._metadata
         )

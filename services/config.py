@@ -21,14 +21,20 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    device: str = Field(default="cpu", description="'cpu' or 'cuda[:N]'; engine replicas reserve a GPU for cuda.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights and KV dtype.")
+    device: str = Field(
+        default="cpu", description="'cpu' or 'cuda[:N]'; engine replicas reserve a GPU for cuda."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights and KV dtype."
+    )
     block_size: int = Field(default=16, description="Tokens per KV-cache block (power of two).")
     kv_cache_memory_gib: float = Field(default=0.5, description="Memory for the paged KV cache per replica.")
     max_num_seqs: int = Field(default=32, description="Most sequences one replica runs at once.")
     max_num_batched_tokens: int = Field(default=512, description="Per-step token budget (chunked prefill).")
     max_model_len: int | None = Field(default=None, description="Context limit; None: the model's own.")
-    enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prompt prefixes.")
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse KV blocks of shared prompt prefixes."
+    )
     num_threads: int = Field(default=1, ge=1, description="torch intra-op threads per engine replica.")
 
     def engine_config(self, model_path: str) -> EngineConfig:
@@ -41,13 +47,23 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(default="demo", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
-                      description="The name clients send in GenerateRequest.model.")
+    name: str = Field(
+        default="demo",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The name clients send in GenerateRequest.model.",
+    )
     path: str | None = Field(default=None, description="Checkpoint directory; None: the built-in demo model.")
     engine_replicas: int = Field(default=1, ge=1, description="Engine replicas pulling this model's queue.")
-    engine_num_cpus: float = Field(default=0.0, ge=0.0, description="CPUs each engine replica reserves in Ray.")
-    engine_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs each engine replica reserves in Ray.")
-    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request leaves it unset.")
+    engine_num_cpus: float = Field(
+        default=0.0, ge=0.0, description="CPUs each engine replica reserves in Ray."
+    )
+    engine_num_gpus: float = Field(
+        default=0.0, ge=0.0, description="GPUs each engine replica reserves in Ray."
+    )
+    default_max_tokens: int = Field(
+        default=256, ge=1, description="max_tokens when a request leaves it unset."
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
@@ -57,11 +73,16 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     models: tuple[ModelConfig, ...] = Field(default=(ModelConfig(),), min_length=1)
-    default_model: str = Field(default="", description="Model used when a request names none; '' = the first.")
-    redis_url: str = Field(default="", description="Redis URL; '' makes `tokenline serve` start a private one.")
+    default_model: str = Field(
+        default="", description="Model used when a request names none; '' = the first."
+    )
+    redis_url: str = Field(
+        default="", description="Redis URL; '' makes `tokenline serve` start a private one."
+    )
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="Port of Ray Serve's gRPC proxy.")
-    grpc_max_message_bytes: int = Field(default=4 << 20, ge=1024,
-                                        description="Largest gRPC message the proxy accepts or sends.")
+    grpc_max_message_bytes: int = Field(
+        default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
+    )
     app_name: str = Field(default="tokenline", description="Ray Serve application name.")
     queue: QueueConfig = Field(default_factory=QueueConfig)
 

@@ -7,13 +7,23 @@ from typing import Any
 
 
 class TokenlineError(Exception):
-    """Base class of every error tokenline raises on purpose."""
+    """Base class of every error tokenline raises on purpose.
+
+    Subclasses keep their constructor arguments so that an error survives pickling
+    (Ray carries errors between processes) with its typed fields intact.
+    """
+
+    _init_args: tuple[Any, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (self.__class__, self._init_args)
 
 
 class InvalidParameterError(TokenlineError, ValueError):
     """A request or configuration field holds a value that is not allowed."""
 
     def __init__(self, field: str, value: Any, reason: str) -> None:
+        self._init_args = (field, value, reason)
         self.field = field
         self.value = value
         self.reason = reason
@@ -24,17 +34,17 @@ class UnsupportedModelError(TokenlineError):
     """The checkpoint's architecture has no forward code in tokenline."""
 
     def __init__(self, architecture: str, supported: tuple[str, ...]) -> None:
+        self._init_args = (architecture, supported)
         self.architecture = architecture
         self.supported = supported
-        super().__init__(
-            f"architecture {architecture!r} is not supported; supported: {', '.join(supported)}"
-        )
+        super().__init__(f"architecture {architecture!r} is not supported; supported: {', '.join(supported)}")
 
 
 class ModelNotFoundError(TokenlineError):
     """No model of that name is served here."""
 
     def __init__(self, model: str) -> None:
+        self._init_args = (model,)
         self.model = model
         super().__init__(f"model {model!r} is not served here")
 
@@ -43,6 +53,7 @@ class QueueFullError(TokenlineError):
     """Admission refused: the model's queue is at its bound."""
 
     def __init__(self, model: str, depth: int, limit: int, retry_after_s: float) -> None:
+        self._init_args = (model, depth, limit, retry_after_s)
         self.model = model
         self.depth = depth
         self.limit = limit

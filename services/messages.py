@@ -210,6 +210,7 @@ class StreamRequest:
 
     request_id: str
     model: str
+    num_prompt_tokens: int
     stop: tuple[str, ...] = ()
     from_token: int = 0
 

@@ -41,7 +41,7 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             http_options={"host": "127.0.0.1", "port": 0},
         )
         stack.callback(serve.shutdown)
-        serve.run(build_app(config), name=config.app_name, route_prefix=None)
+        serve.run(build_app(config), name=config.app_name)
         yield RunningStack(config, f"127.0.0.1:{config.grpc_port}")
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (the corpus mixes look-alike scripts on purpose)
 """A real byte-level BPE tokenizer, trained here, in a Hugging Face checkpoint layout.
 
 Trained with ``tokenizers`` on a small multilingual corpus (Chinese, Japanese,
@@ -76,7 +77,7 @@ def write_bpe_checkpoint(
     """Train the tokenizer and save it with a model config; returns ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     backend = train_byte_level_bpe()
-    wrapped = PreTrainedTokenizerFast(
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # transformers leaves it untyped
         tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token="<pad>"
     )
     if chat_template is not None:
@@ -96,3 +97,24 @@ def write_bpe_checkpoint(
     generation_config = {"eos_token_id": [eos_id, end_of_turn_id]}
     (directory / "generation_config.json").write_text(json.dumps(generation_config), encoding="utf-8")
     return directory
+
+
+def byte_token_id(tokenizer: Tokenizer, byte: int) -> int:
+    """Id of the vocabulary entry holding exactly one raw byte (every byte has one)."""
+    token_id = tokenizer.token_to_id(_byte_level_char(byte))
+    if token_id is None:
+        raise LookupError(f"byte {byte:#x} has no token")
+    return int(token_id)
+
+
+def _byte_level_char(byte: int) -> str:
+    """The printable stand-in the byte-level pre-tokenizer uses for ``byte`` (GPT-2's table):
+    printable Latin-1 bytes stand for themselves, the rest map to U+0100 onward in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + sum(1 for other in range(byte) if other not in printable))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -23,3 +24,11 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo checkpoint, built once per machine (then cached) exactly as `tokenline demo-model` does."""
+    from services.demo import build_demo_model
+
+    return build_demo_model()

@@ -10,8 +10,15 @@ from services.messages import SamplingParams
 
 
 def make_seq(tokens: list[int], request_id: str = "r") -> Sequence:
-    return Sequence(request_id=request_id, token_ids=list(tokens), num_prompt_tokens=len(tokens),
-                    params=SamplingParams(), seed=0, priority=0, arrival_order=0)
+    return Sequence(
+        request_id=request_id,
+        token_ids=list(tokens),
+        num_prompt_tokens=len(tokens),
+        params=SamplingParams(),
+        seed=0,
+        priority=0,
+        arrival_order=0,
+    )
 
 
 def compute_all(manager: BlockManager, seq: Sequence) -> None:

@@ -49,10 +49,12 @@ def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> list[i
     model.eval()
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False,
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )
-    return [int(t) for t in out[0, len(prompt):]]
+    return [int(t) for t in out[0, len(prompt) :]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,8 +87,10 @@ def test_seeded_sampling_does_not_depend_on_batch(engine: Engine) -> None:
     others = [SamplingParams(max_tokens=30, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
     mixed = engine.generate([crowd[0], target, *crowd[1:]], [others[0], params, *others[1:]])
     assert mixed[1].token_ids == alone
-    different_seed = engine.generate([target], SamplingParams(
-        max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=4321, ignore_eos=True))[0].token_ids
+    different_seed = engine.generate(
+        [target],
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=4321, ignore_eos=True),
+    )[0].token_ids
     assert different_seed != alone  # the seed matters
 
 
@@ -166,8 +170,9 @@ def test_stop_token_and_max_tokens_finish_reasons(engine: Engine) -> None:
     free_run = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert free_run.finish_reason is FinishReason.LENGTH and len(free_run.token_ids) == 8
     stop_at = free_run.token_ids[3]
-    stopped = engine.generate([prompt], SamplingParams(
-        max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_at,)))[0]
+    stopped = engine.generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_at,))
+    )[0]
     assert stopped.finish_reason is FinishReason.STOP
     assert stopped.token_ids == free_run.token_ids[: free_run.token_ids.index(stop_at) + 1]
 
@@ -189,8 +194,9 @@ def test_resume_from_output_prefix_continues_identically(engine: Engine) -> None
 
 def test_logprobs_are_returned_when_asked(engine: Engine) -> None:
     prompt = prompts_for(engine.spec.vocab_size, [6], seed=20)[0]
-    out = engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3,
-                                                   ignore_eos=True))[0]
+    out = engine.generate(
+        [prompt], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, ignore_eos=True)
+    )[0]
     assert len(out.logprobs) == 4
     for token, entry in zip(out.token_ids, out.logprobs, strict=True):
         assert entry.token_id == token

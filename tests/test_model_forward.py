@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,6 @@ from services.engine.attention_batch import AttentionBatch, KVCache, PrefillSpan
 from services.engine.models import LlamaFamilyModel, ModelSpec, load_model
 from services.errors import InvalidParameterError, UnsupportedModelError
 from tests.checkpoints import KINDS, load_reference_model, make_tiny_checkpoint
-
-torch.set_num_threads(2)
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
@@ -100,8 +98,24 @@ def expected_rows(scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
     return torch.cat([seq.reference[seq.cached : seq.cached + count] for seq, count in scheduled])
 
 
-def make_harness(checkpoint: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Harness:
+@dataclass(frozen=True)
+class Loaded:
+    """Our model and the transformers reference, loaded from the same checkpoint."""
+
+    model: LlamaFamilyModel
+    spec: ModelSpec
+    reference: torch.nn.Module
+    dtype: torch.dtype
+
+
+def load_both(checkpoint: Path, dtype: torch.dtype = torch.float32) -> Loaded:
     model, spec = load_model(checkpoint, CPU, dtype)
+    return Loaded(model, spec, load_reference_model(checkpoint), dtype)
+
+
+def make_harness(loaded: Loaded, seed: int = 0) -> Harness:
+    """Fresh KV caches (filled with garbage) and a shuffled block pool around loaded models."""
+    spec, dtype = loaded.spec, loaded.dtype
     shape = (NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
     generator = torch.Generator().manual_seed(seed)
     # Large finite garbage: a read of an unwritten or masked slot ruins parity instead of passing unseen.
@@ -111,35 +125,45 @@ def make_harness(checkpoint: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     rng = random.Random(seed)
     free_blocks = list(range(NUM_BLOCKS))
     rng.shuffle(free_blocks)  # sequences get scattered, non-contiguous blocks
-    return Harness(model, spec, load_reference_model(checkpoint), kv_caches, free_blocks, rng)
+    return Harness(loaded.model, spec, loaded.reference, kv_caches, free_blocks, rng)
 
 
 def _garbage(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     return (100 * torch.randn(shape, generator=generator)).to(dtype)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """These models are tiny: threads buy nothing, and on a shared machine a busy second core stalls
+    every small op at OpenMP's barrier."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module", params=KINDS)
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+    return load_both(make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param)))
 
 
-def test_whole_prompt_prefill_matches_reference(checkpoint: Path) -> None:
-    harness = make_harness(checkpoint)
+def test_whole_prompt_prefill_matches_reference(loaded: Loaded) -> None:
+    harness = make_harness(loaded)
     seq = harness.new_sequence(37)
     expected = expected_rows([(seq, 37)])
     torch.testing.assert_close(harness.step([], [(seq, 37)]), expected, atol=ATOL, rtol=0)
 
 
-def test_chunked_prefill_over_cached_prefix_matches_reference(checkpoint: Path) -> None:
-    harness = make_harness(checkpoint)
+def test_chunked_prefill_over_cached_prefix_matches_reference(loaded: Loaded) -> None:
+    harness = make_harness(loaded)
     seq = harness.new_sequence(41)
     for chunk in (5, 7, 18, 11):  # chunks start mid-block and cross the sliding window
         expected = expected_rows([(seq, chunk)])
         torch.testing.assert_close(harness.step([], [(seq, chunk)]), expected, atol=ATOL, rtol=0)
 
 
-def test_mixed_decode_and_prefill_batch_matches_reference(checkpoint: Path) -> None:
-    harness = make_harness(checkpoint, seed=1)
+def test_mixed_decode_and_prefill_batch_matches_reference(loaded: Loaded) -> None:
+    harness = make_harness(loaded, seed=1)
     decoding = [harness.new_sequence(length) for length in (23, 30, 9)]
     harness.step([], [(seq, len(seq.tokens) - 3) for seq in decoding])
     fresh, resumed = harness.new_sequence(13), harness.new_sequence(26)
@@ -152,8 +176,8 @@ def test_mixed_decode_and_prefill_batch_matches_reference(checkpoint: Path) -> N
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
-def test_decode_only_steps_match_reference(checkpoint: Path) -> None:
-    harness = make_harness(checkpoint, seed=2)
+def test_decode_only_steps_match_reference(loaded: Loaded) -> None:
+    harness = make_harness(loaded, seed=2)
     sequences = [harness.new_sequence(length) for length in (20, 6)]
     harness.step([], [(seq, len(seq.tokens) - 4) for seq in sequences])
     for _ in range(4):
@@ -186,7 +210,7 @@ def test_decode_only_steps_match_reference(checkpoint: Path) -> None:
     ],
 )
 def test_config_variants_match_reference(kind: str, overrides: dict[str, Any], tmp_path: Path) -> None:
-    harness = make_harness(make_tiny_checkpoint(kind, tmp_path, seed=3, **overrides))
+    harness = make_harness(load_both(make_tiny_checkpoint(kind, tmp_path, seed=3, **overrides)))
     seq = harness.new_sequence(30)
     expected = expected_rows([(seq, 27)])
     torch.testing.assert_close(harness.step([], [(seq, 27)]), expected, atol=ATOL, rtol=0)
@@ -210,6 +234,17 @@ def test_spec_reads_family_flags(tmp_path: Path) -> None:
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
     ]
+
+
+def test_qwen_window_layers_read_without_layer_types(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint(
+        "qwen2", tmp_path, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
+    assert _spec(checkpoint).sliding_windows == (None, 8)
+    config = _read_config(checkpoint)
+    del config["layer_types"]  # configs written before transformers listed layer types
+    _write_config(checkpoint, config)
+    assert _spec(checkpoint).sliding_windows == (None, 8)
 
 
 def test_old_style_rope_keys_read_like_rope_parameters(tmp_path: Path) -> None:
@@ -236,7 +271,7 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path) -> None:
 
 def test_bfloat16_load_keeps_weights_in_bfloat16_and_logits_in_float32(tmp_path: Path) -> None:
     checkpoint = make_tiny_checkpoint("llama", tmp_path)
-    harness = make_harness(checkpoint, dtype=torch.bfloat16)
+    harness = make_harness(load_both(checkpoint, torch.bfloat16))
     assert {param.dtype for param in harness.model.parameters()} == {torch.bfloat16}
     seq = harness.new_sequence(20)
     expected = expected_rows([(seq, 20)])

@@ -17,6 +17,12 @@ text; its decode sees the same neighbours as the one-shot decode, and any
 garbling at the window's start (a character cut in half) stays inside the
 context. Each step decodes a window of a few tokens, so the cost per token does
 not grow with the length of the output.
+
+Exact for byte-level BPE (Llama 3, Qwen2/3) on any id sequence, invalid UTF-8
+included. SentencePiece byte-fallback decoders render a whole run of byte
+tokens as U+FFFD once any byte in it is invalid, including characters already
+emitted; for them the stream is exact as long as the model's bytes form valid
+UTF-8.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ REPLACEMENT_CHAR = "\ufffd"
 
 # Already-emitted tokens decoded in front of the pending ones.
 _CONTEXT_TOKENS = 4
-# A UTF-8 character has at most four bytes and every token at least one, so a
-# character that started more than four tokens ago has either completed or is
-# definitely invalid.
+# A UTF-8 character has at most four bytes and every token that has text at
+# least one, so a character that started more than four tokens ago has either
+# completed or is definitely invalid.
 _MAX_CHAR_TOKENS = 4
 # Pending tokens that still end in U+FFFD after this many: the output is
 # degenerate (invalid byte sequences); settle what is certain so the window,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from services.engine.attention_batch import AttentionBatch, KVCache, PrefillSpan
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+def _write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
     """Stores the new tokens' keys and values ([T, kv_heads, head_dim]) at their cache slots."""
     k_cache, v_cache = kv_cache
     slots_shape = (-1, *k_cache.shape[2:])
@@ -42,7 +42,7 @@ def paged_attention(
     ``sliding_window`` limits each query to the last ``sliding_window`` positions,
     itself included. Returns [T, heads, head_dim].
     """
-    write_kv(k, v, kv_cache, batch.slot_mapping)
+    _write_kv(k, v, kv_cache, batch.slot_mapping)
     num_decode = batch.num_decode_tokens
     if not batch.prefills:
         if not num_decode:

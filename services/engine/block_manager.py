@@ -87,7 +87,7 @@ class BlockManager:
         return matched
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give the sequence room for ``num_new_tokens`` more tokens; False (and no change) if it does not fit."""
+        """Room for ``num_new_tokens`` more tokens; False, changing nothing, if they do not fit."""
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > self.num_free_blocks:
             return False

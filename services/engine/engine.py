@@ -37,8 +37,9 @@ class Engine:
         self.config = config
         self.runner = ModelRunner(config)
         self.spec: ModelSpec = self.runner.model_spec
-        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
-                                 self.spec.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings
+        )
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -50,8 +51,13 @@ class Engine:
         self._seed_source = random.Random(config.seed)
         logger.info(
             "engine ready",
-            extra={"model": config.model, "device": config.device, "dtype": config.dtype,
-                   "kv_blocks": self.runner.num_blocks, "block_size": config.block_size},
+            extra={
+                "model": config.model,
+                "device": config.device,
+                "dtype": config.dtype,
+                "kv_blocks": self.runner.num_blocks,
+                "block_size": config.block_size,
+            },
         )
 
     # ---- incremental interface ------------------------------------------------------------
@@ -170,7 +176,7 @@ class Engine:
             self.scheduler.remove(seq)
             self._sequences.pop(seq.request_id, None)
             self.stats.cached_prompt_tokens += seq.num_cached_tokens
-        logprobs = ()
+        logprobs: tuple[TokenLogprob, ...] = ()
         if sampled.logprob is not None:
             logprobs = (TokenLogprob(sampled.token_id, sampled.logprob, sampled.top_logprobs),)
         return RequestOutput(
@@ -208,19 +214,24 @@ class Engine:
         for field_name, ids in (("prompt", prompt_ids), ("output_prefix", output_prefix)):
             for token_id in ids:
                 if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
-                    raise InvalidParameterError(f"{field_name}.token_ids", token_id,
-                                                f"token ids must be integers in [0, {vocab})")
+                    raise InvalidParameterError(
+                        f"{field_name}.token_ids", token_id, f"token ids must be integers in [0, {vocab})"
+                    )
         total = len(prompt_ids) + len(output_prefix)
         if total >= self.max_model_len:
             raise InvalidParameterError(
-                "prompt", total, f"prompt of {total} tokens leaves no room in a context of {self.max_model_len}"
+                "prompt",
+                total,
+                f"prompt of {total} tokens leaves no room in a context of {self.max_model_len}",
             )
         if len(output_prefix) >= params.max_tokens:
-            raise InvalidParameterError("output_prefix", len(output_prefix),
-                                        f"already holds max_tokens={params.max_tokens} tokens")
+            raise InvalidParameterError(
+                "output_prefix", len(output_prefix), f"already holds max_tokens={params.max_tokens} tokens"
+            )
         needed = self.blocks_for(len(prompt_ids) + params.max_tokens)
         if needed > self.block_manager.num_blocks:
             raise InvalidParameterError(
-                "max_tokens", params.max_tokens,
-                f"prompt + max_tokens needs {needed} KV blocks; the engine has {self.block_manager.num_blocks}",
+                "max_tokens",
+                params.max_tokens,
+                f"prompt + max_tokens needs {needed} KV blocks of {self.block_manager.num_blocks}",
             )

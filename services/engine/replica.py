@@ -186,13 +186,24 @@ class EngineReplica:
                 return
         self._held[request.request_id].next_index = len(produced)
         try:
-            self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
-                                    priority=request.priority, output_prefix=produced)
+            self.engine.add_request(
+                request.request_id,
+                request.prompt_token_ids,
+                request.params,
+                priority=request.priority,
+                output_prefix=produced,
+            )
         except InvalidParameterError as exc:
             self._end(request.request_id, FinishReason.ERROR, error=str(exc))
             return
-        logger.info("request admitted", extra={"request_id": request.request_id, "resumed_tokens": len(produced),
-                                               "deliveries": item.deliveries})
+        logger.info(
+            "request admitted",
+            extra={
+                "request_id": request.request_id,
+                "resumed_tokens": len(produced),
+                "deliveries": item.deliveries,
+            },
+        )
 
     def _end(self, request_id: str, reason: FinishReason, error: str = "") -> None:
         """Write a final chunk for a request the engine did not finish by itself, and release it."""

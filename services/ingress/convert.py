@@ -17,8 +17,17 @@ from services.tokenizer.prompt import ChatMessage, ChatPrompt, Prompt, TextPromp
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _OPTIONAL_SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "ignore_eos",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "seed",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
 )
 _FINISH_TO_PROTO = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -44,8 +53,9 @@ class ParsedGenerate:
 
 def parse_generate(request: pb.GenerateRequest) -> ParsedGenerate:
     if request.request_id and not _REQUEST_ID.match(request.request_id):
-        raise InvalidParameterError("request_id", request.request_id,
-                                    "must be 1-128 characters of letters, digits and _.:-")
+        raise InvalidParameterError(
+            "request_id", request.request_id, "must be 1-128 characters of letters, digits and _.:-"
+        )
     sampling, max_tokens_set = parse_sampling(request.sampling)
     return ParsedGenerate(
         request_id=request.request_id,
@@ -113,9 +123,12 @@ def stream_response(delta: TextDelta) -> pb.GenerateStreamResponse:
 def usage_proto(usage: Usage | None) -> pb.Usage | None:
     if usage is None:
         return None
-    return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                    cached_tokens=usage.cached_tokens)
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+    )
 
 
-def finish_reason_proto(reason: FinishReason | None) -> int:
+def finish_reason_proto(reason: FinishReason | None) -> pb.FinishReason:
     return _FINISH_TO_PROTO[reason]

@@ -26,14 +26,16 @@ from services.ingress.status import RpcError, abort, rpc_error_for
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
+from services.tokenizer.prompt import Prompt
 from services.tokenizer.service import Encoded, ModelInfo
 
 logger = logging.getLogger(__name__)
 
 
 class IngressService:
-    def __init__(self, config: AppConfig, redis_url: str, tokenizer: Any, detokenizer: Any,
-                 engines: dict[str, Any]) -> None:
+    def __init__(
+        self, config: AppConfig, redis_url: str, tokenizer: Any, detokenizer: Any, engines: dict[str, Any]
+    ) -> None:
         self._config = config
         self._queue = QueueClient(redis_url, config.queue)
         self._tokenizer = tokenizer  # DeploymentHandle[TokenizerService]
@@ -43,8 +45,9 @@ class IngressService:
         self._seeds = random.SystemRandom()
 
     # ---- RPCs -----------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
-                       ) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> pb.GenerateResponse:
         text: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -55,18 +58,24 @@ class IngressService:
             logprobs.extend(delta.logprobs)
             last = delta
         return pb.GenerateResponse(
-            request_id=last.request_id, text="".join(text), token_ids=token_ids,
-            finish_reason=convert.finish_reason_proto(last.finish_reason), matched_stop=last.matched_stop,
-            usage=convert.usage_proto(last.usage), logprobs=logprobs,
+            request_id=last.request_id,
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason=convert.finish_reason_proto(last.finish_reason),
+            matched_stop=last.matched_stop,
+            usage=convert.usage_proto(last.usage),
+            logprobs=logprobs,
         )
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
-                             ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
-    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext
-                       ) -> pb.TokenizeResponse:
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext
+    ) -> pb.TokenizeResponse:
         try:
             model = await self._model_name(request.model)
             encoded = await self._encode(model, convert.parse_prompt(request))
@@ -82,28 +91,40 @@ class IngressService:
             raise abort(grpc_context, rpc_error_for(error)) from error
         return pb.CancelResponse(found=found)
 
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
-                         ) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ListModelsResponse:
         models = await self._model_infos()
-        return pb.ListModelsResponse(models=[
-            pb.ModelInfo(name=m.name, max_context_length=m.max_context_length, vocab_size=m.vocab_size,
-                         is_default=m.is_default)
-            for m in models.values()
-        ])
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=m.name,
+                    max_context_length=m.max_context_length,
+                    vocab_size=m.vocab_size,
+                    is_default=m.is_default,
+                )
+                for m in models.values()
+            ]
+        )
 
     # ---- the path of one request ----------------------------------------------------------
-    async def _generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
-                        ) -> AsyncIterator[TextDelta]:
+    async def _generate(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[TextDelta]:
         try:
             accepted = await self._accept(request)
         except TokenlineError as error:
             raise abort(grpc_context, rpc_error_for(error)) from error
-        stream = StreamRequest(accepted.request_id, accepted.model, accepted.params.stop)
+        stream = StreamRequest(
+            accepted.request_id, accepted.model, len(accepted.prompt_token_ids), accepted.params.stop
+        )
         finished = False
         try:
             async for delta in self._detokenizer.stream.options(stream=True).remote(stream):
                 if delta.error:
-                    raise abort(grpc_context, RpcError(grpc.StatusCode.ABORTED, f"request failed: {delta.error}"))
+                    raise abort(
+                        grpc_context, RpcError(grpc.StatusCode.ABORTED, f"request failed: {delta.error}")
+                    )
                 finished = delta.finish_reason is not None
                 yield delta
         finally:
@@ -130,11 +151,18 @@ class IngressService:
             priority=parsed.priority,
         )
         result = await self._queue.enqueue(accepted)
-        logger.info("request accepted", extra={"request_id": accepted.request_id, "model": model,
-                                               "prompt_tokens": len(prompt_ids), "duplicate": result.duplicate})
+        logger.info(
+            "request accepted",
+            extra={
+                "request_id": accepted.request_id,
+                "model": model,
+                "prompt_tokens": len(prompt_ids),
+                "duplicate": result.duplicate,
+            },
+        )
         return accepted
 
-    async def _encode(self, model: str, prompt: convert.Prompt) -> list[int]:
+    async def _encode(self, model: str, prompt: Prompt) -> list[int]:
         encoded: Encoded = await self._tokenizer.encode.remote((model, prompt))
         if encoded.error is not None:
             raise encoded.error

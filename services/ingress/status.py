@@ -20,14 +20,21 @@ class RpcError(Exception):
         self.details = details
         super().__init__(f"{code.name}: {details}")
 
+    def __reduce__(self) -> tuple[type[RpcError], tuple[grpc.StatusCode, str]]:
+        return (RpcError, (self.code, self.details))
+
 
 def rpc_error_for(error: TokenlineError) -> RpcError:
     if isinstance(error, InvalidParameterError):
-        return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error.reason} (got {error.value!r})")
+        return RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error.reason} (got {error.value!r})"
+        )
     if isinstance(error, ModelNotFoundError):
         return RpcError(grpc.StatusCode.NOT_FOUND, str(error))
     if isinstance(error, QueueFullError):
-        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry-after-ms={round(error.retry_after_s * 1000)}")
+        return RpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry-after-ms={round(error.retry_after_s * 1000)}"
+        )
     return RpcError(grpc.StatusCode.INTERNAL, str(error))
 
 

@@ -58,7 +58,7 @@ class TokenizerService:
                 continue
             encoded = tokenizer.encode_batch([requests[i][1] for i in indices])
             for index, item in zip(indices, encoded, strict=True):
-                results[index] = Encoded(error=item) if isinstance(item, InvalidParameterError) else Encoded(
-                    tuple(item)
+                results[index] = (
+                    Encoded(error=item) if isinstance(item, InvalidParameterError) else Encoded(tuple(item))
                 )
         return results

@@ -1,0 +1,82 @@
+"""The whole serving stack for end-to-end tests: real Redis, real Ray, real gRPC over loopback."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ray import serve
+
+from services.config import AppConfig, EngineSettings, ModelConfig
+from services.engine.replica import ReplicaStatus
+from services.queue import QueueConfig
+from services.server import running_stack
+
+MODEL_NAME = "demo"
+
+
+@dataclass(frozen=True)
+class Stack:
+    config: AppConfig
+    target: str
+
+    def engine_statuses(self, replicas: int, attempts: int = 40) -> dict[int, ReplicaStatus]:
+        """The status of every engine replica, by pid. Serve balances handle calls over
+        replicas, so call until each has answered."""
+        handle = serve.get_deployment_handle(f"engine-{MODEL_NAME}", app_name=self.config.app_name)
+        found: dict[int, ReplicaStatus] = {}
+        for _ in range(attempts):
+            status: ReplicaStatus = handle.status.remote().result(timeout_s=10)
+            found[status.pid] = status
+            if len(found) >= replicas:
+                break
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: int = 40) -> AppConfig:
+    return AppConfig(
+        models=(
+            ModelConfig(
+                name=MODEL_NAME,
+                path=model_path,
+                engine_replicas=engine_replicas,
+                engine=EngineSettings(kv_cache_memory_gib=0.25, max_num_seqs=16, max_num_batched_tokens=256),
+            ),
+        ),
+        grpc_port=free_port(),
+        queue=QueueConfig(lease_s=3.0, max_queue_depth=max_queue_depth),
+    )
+
+
+def start_stack(config: AppConfig) -> Iterator[Stack]:
+    with running_stack(config) as running:
+        wait_ready(running.grpc_target)
+        yield Stack(running.config, running.grpc_target)
+
+
+def wait_ready(target: str, timeout_s: float = 120.0) -> None:
+    import grpc
+
+    from services.proto.tokenline.v1 import generation_pb2 as pb
+    from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        while True:
+            try:
+                stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)

@@ -1,0 +1,227 @@
+"""End to end: gRPC client -> Ray Serve gRPC proxy -> ingress -> tokenizer -> Redis queue ->
+engine replicas -> detokenizer -> client. Real Ray, real Redis, real gRPC over loopback,
+the real demo model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.client import TokenlineClient
+from services.engine import Engine, EngineConfig, SamplingParams
+from services.proto.tokenline.v1 import generation_pb2 as pb
+from tests.serving_stack import MODEL_NAME, Stack, stack_config, start_stack
+
+pytestmark = pytest.mark.serving
+
+QUESTIONS = [f"{a}+{b}=" for a, b in [(12, 35), (40, 7), (3, 3), (25, 61), (9, 80), (33, 44), (1, 2), (70, 19)]]
+
+
+@pytest.fixture(scope="module")
+def stack(demo_model_dir: Path) -> Iterator[Stack]:
+    yield from start_stack(stack_config(str(demo_model_dir)))
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[TokenlineClient]:
+    with TokenlineClient(stack.target) as c:
+        yield c
+
+
+def request(prompt: str, *, max_tokens: int = 24, seed: int | None = None, temperature: float = 0.0,
+            request_id: str = "", stop: tuple[str, ...] = (), ignore_eos: bool = False) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=list(stop),
+                                 ignore_eos=ignore_eos)
+    if seed is not None:
+        sampling.seed = seed
+    return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
+
+
+def collect(messages: Iterator[pb.GenerateStreamResponse]) -> tuple[str, list[int], pb.GenerateStreamResponse]:
+    """Concatenate a stream, checking that token indices are contiguous: no gap, no duplicate."""
+    text, ids = [], []
+    last = pb.GenerateStreamResponse()
+    for message in messages:
+        assert message.token_index == len(ids), "a gap or a duplicate in the token stream"
+        text.append(message.text)
+        ids.extend(message.token_ids)
+        last = message
+    return "".join(text), ids, last
+
+
+def test_unary_generate_answers_the_demo_task(client: TokenlineClient) -> None:
+    response = client.generate(request("12+35="))
+    assert response.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert response.usage.completion_tokens == len(response.token_ids) > 0
+    assert response.usage.prompt_tokens > 0
+    assert "47" in response.text
+
+
+def test_stream_equals_unary(client: TokenlineClient) -> None:
+    unary = client.generate(request("40+7=", seed=5))
+    text, ids, last = collect(client.stream(request("40+7=", seed=5)))
+    assert text == unary.text
+    assert ids == list(unary.token_ids)
+    assert last.finish_reason == unary.finish_reason
+    assert last.usage.completion_tokens == len(ids)
+
+
+def test_seeded_output_equals_offline_engine(client: TokenlineClient, demo_model_dir: Path) -> None:
+    prompt = "Count: 3 4 5"
+    ids = list(client.stub.Tokenize(pb.TokenizeRequest(text=prompt)).token_ids)
+    served = client.generate(request(prompt, seed=99, temperature=0.9, max_tokens=16, ignore_eos=True))
+    offline = Engine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64)).generate(
+        [ids], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True)
+    )[0]
+    assert list(served.token_ids) == offline.token_ids
+
+
+def test_thirty_two_concurrent_streams_complete(stack: Stack) -> None:
+    def one(i: int) -> tuple[str, list[int], pb.GenerateStreamResponse]:
+        with TokenlineClient(stack.target) as c:
+            return collect(c.stream(request(QUESTIONS[i % len(QUESTIONS)], seed=i)))
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(one, range(32)))
+    for text, ids, last in results:
+        assert last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        assert ids and text
+
+
+def test_stop_string_ends_the_stream_without_leaking(client: TokenlineClient) -> None:
+    full = client.generate(request("Count: 3 4 5", max_tokens=20, ignore_eos=True)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), f"need a visible stop string from {full!r}"
+    text, _, last = collect(client.stream(request("Count: 3 4 5", max_tokens=20, ignore_eos=True, stop=(stop,))))
+    assert text == full[: full.index(stop)]
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert last.matched_stop == stop
+
+
+def test_chat_prompt_uses_the_template(client: TokenlineClient) -> None:
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="12+35=")])
+    tokenized = client.stub.Tokenize(pb.TokenizeRequest(chat=chat))
+    plain = client.stub.Tokenize(pb.TokenizeRequest(text="12+35="))
+    assert tokenized.count > plain.count  # the template adds role markers
+    response = client.generate(pb.GenerateRequest(chat=chat, sampling=pb.SamplingParams(max_tokens=16)))
+    assert response.usage.prompt_tokens == tokenized.count
+    assert response.token_ids
+
+
+def test_list_models(client: TokenlineClient) -> None:
+    models = client.stub.ListModels(pb.ListModelsRequest()).models
+    assert [m.name for m in models] == [MODEL_NAME]
+    assert models[0].is_default and models[0].max_context_length > 0
+
+
+def test_cancel_frees_engine_capacity_within_a_second(stack: Stack, client: TokenlineClient) -> None:
+    stream = client.stream(request("1+2=", max_tokens=2000, ignore_eos=True, request_id="cancel-me"))
+    next(stream)
+    assert any("cancel-me" in s.held_request_ids for s in stack.engine_statuses(2).values())
+    assert client.stub.Cancel(pb.CancelRequest(request_id="cancel-me")).found
+    started = time.monotonic()
+    while any(s.running for s in stack.engine_statuses(2).values()):
+        assert time.monotonic() - started < 1.0, "engine still runs the cancelled request"
+        time.sleep(0.05)
+    _, _, last = collect(stream)
+    assert last.finish_reason == pb.FINISH_REASON_ABORT
+
+
+def test_two_engine_replicas_share_one_queue(stack: Stack) -> None:
+    before = {pid: s.steps for pid, s in stack.engine_statuses(2).items()}
+    assert len(before) == 2
+
+    def one(i: int) -> None:
+        with TokenlineClient(stack.target) as c:
+            collect(c.stream(request(QUESTIONS[i % len(QUESTIONS)], max_tokens=40, ignore_eos=True)))
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        list(pool.map(one, range(24)))
+    after = stack.engine_statuses(2)
+    assert all(after[pid].steps > before[pid] for pid in before), "both replicas must have pulled work"
+
+
+def test_killing_an_engine_replica_loses_no_stream(stack: Stack) -> None:
+    prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(16)]
+
+    def run_all(tag: str) -> list[tuple[str, list[int]]]:
+        def one(i: int) -> tuple[str, list[int]]:
+            with TokenlineClient(stack.target) as c:
+                text, ids, last = collect(c.stream(request(
+                    prompts[i], max_tokens=48, ignore_eos=True, request_id=f"{tag}-{i}")))
+                assert last.finish_reason == pb.FINISH_REASON_LENGTH
+                return text, ids
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(one, range(16)))
+
+    baseline = run_all("calm")
+    with ThreadPoolExecutor(max_workers=1) as background:
+        faulty = background.submit(run_all, "fault")
+        victim = None
+        deadline = time.monotonic() + 30
+        while victim is None and time.monotonic() < deadline:
+            busy = [s for s in stack.engine_statuses(2).values() if s.held_request_ids]
+            victim = busy[0] if busy else None
+        assert victim is not None, "no replica ever held work"
+        os.kill(victim.pid, signal.SIGKILL)
+        results = faulty.result(timeout=180)
+    assert results == baseline
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r.sampling.__setattr__("temperature", -1.0), "sampling.temperature"),
+        (lambda r: r.sampling.__setattr__("temperature", float("nan")), "sampling.temperature"),
+        (lambda r: r.sampling.__setattr__("top_p", 0.0), "sampling.top_p"),
+        (lambda r: r.sampling.__setattr__("top_k", -5), "sampling.top_k"),
+        (lambda r: r.sampling.__setattr__("max_tokens", 0), "sampling.max_tokens"),
+        (lambda r: r.__setattr__("request_id", "bad id with spaces"), "request_id"),
+        (lambda r: r.__setattr__("text", ""), "prompt.text"),
+        (lambda r: r.token_ids.ids.extend([1, 10**9]), "prompt.token_ids"),
+        (lambda r: r.__setattr__("text", "7 " * 100_000), "prompt"),
+    ],
+)
+def test_invalid_fields_get_invalid_argument_naming_the_field(client: TokenlineClient, mutate, field) -> None:  # type: ignore[no-untyped-def]
+    bad = request("1+2=")
+    mutate(bad)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(bad)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field)
+
+
+def test_unknown_model_is_not_found(client: TokenlineClient) -> None:
+    bad = request("1+2=")
+    bad.model = "no-such-model"
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(bad)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_full_queue_gets_resource_exhausted(stack: Stack) -> None:
+    limit = stack.config.queue.max_queue_depth
+
+    def one(i: int) -> grpc.StatusCode:
+        with TokenlineClient(stack.target) as c:
+            try:
+                c.generate(request("1+2=", max_tokens=64, ignore_eos=True, request_id=f"flood-{i}"))
+                return grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "retry-after-ms=" in (error.details() or "")
+                return error.code()
+
+    with ThreadPoolExecutor(max_workers=limit + 20) as pool:
+        codes = list(pool.map(one, range(limit + 20)))
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) >= limit // 2
