@@ -7,15 +7,37 @@ as time, not as tokens.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from loadtest.workload import Workload
+
+
+class Stopwatch:
+    """Wall time and this process's CPU time (all threads) over one ``with`` block.
+
+    On a shared machine other processes steal cores, which inflates wall time by
+    however much they happened to run; CPU time is the work this contender did
+    itself, so it is reported next to wall time as the contention-robust view.
+    """
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
 
 
 @dataclass(frozen=True)
 class ContenderResult:
     name: str
     wall_s: float
+    cpu_s: float
     # The output token ids each request received, truncated to what it asked for.
     outputs: list[list[int]]
     details: dict[str, object] = field(default_factory=dict)
@@ -27,6 +49,10 @@ class ContenderResult:
     @property
     def tok_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tok_per_cpu_s(self) -> float:
+        return self.output_tokens / self.cpu_s if self.cpu_s > 0 else 0.0
 
 
 class WorkloadMismatchError(AssertionError):

@@ -11,13 +11,12 @@ we pass none.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 
-from loadtest.contender import ContenderResult
+from loadtest.contender import ContenderResult, Stopwatch
 from loadtest.workload import Workload
 
 ATTENTION = "sdpa"
@@ -69,15 +68,14 @@ def run_hf_static(model: PreTrainedModel, workload: Workload, batch_size: int) -
     prompts, lengths = workload.prompts, workload.output_lengths
     outputs: list[list[int]] = []
     computed = 0
-    start = time.perf_counter()
-    for first in range(0, len(prompts), batch_size):
-        batch_prompts = prompts[first:first + batch_size]
-        batch_lengths = lengths[first:first + batch_size]
-        outputs.extend(_generate_static_batch(model, batch_prompts, batch_lengths))
-        computed += len(batch_lengths) * max(batch_lengths)
-    wall = time.perf_counter() - start
+    with Stopwatch() as clock:
+        for first in range(0, len(prompts), batch_size):
+            batch_prompts = prompts[first:first + batch_size]
+            batch_lengths = lengths[first:first + batch_size]
+            outputs.extend(_generate_static_batch(model, batch_prompts, batch_lengths))
+            computed += len(batch_lengths) * max(batch_lengths)
     return ContenderResult(
-        name="hf_static", wall_s=wall, outputs=outputs,
+        name="hf_static", wall_s=clock.wall_s, cpu_s=clock.cpu_s, outputs=outputs,
         details={"batch_size": batch_size, "decoded_positions_including_padding": computed},
     )
 
@@ -126,8 +124,7 @@ def run_hf_continuous(
     with model.continuous_batching_context_manager(  # type: ignore[operator]
         generation_config=generation_config, continuous_batching_config=config,
         block=True, timeout=30, warmup=False,
-    ) as manager:
-        start = time.perf_counter()
+    ) as manager, Stopwatch() as clock:
         for request_id, prompt, n in zip(request_ids, workload.prompts, lengths, strict=True):
             manager.add_request(prompt, request_id=request_id, max_new_tokens=n)
         while len(results) + len(errors) < len(request_ids):
@@ -140,11 +137,10 @@ def run_hf_continuous(
                 if result.error is not None:
                     errors.append(f"{result.request_id}: {result.error}")
                 results[result.request_id] = list(result.generated_tokens)
-        wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"transformers continuous batching failed requests: {errors[:3]}")
     return ContenderResult(
-        name="hf_cb", wall_s=wall, outputs=[results[r] for r in request_ids],
+        name="hf_cb", wall_s=clock.wall_s, cpu_s=clock.cpu_s, outputs=[results[r] for r in request_ids],
         details={"attn_implementation": model.config._attn_implementation,
                  "max_requests_per_batch": config.max_requests_per_batch,
                  "max_batch_tokens": config.max_batch_tokens, "page_size": config.page_size},

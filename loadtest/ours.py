@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtest.contender import ContenderResult
+from loadtest.contender import ContenderResult, Stopwatch
 from loadtest.workload import Workload
 from services.engine import Engine, EngineConfig, SamplingParams
 
@@ -49,14 +48,14 @@ def run_ours(engine: Engine, workload: Workload) -> ContenderResult:
     """Time one ``generate`` call over the whole workload (prefill included)."""
     params = [greedy_params(n) for n in workload.output_lengths]
     before = asdict(engine.stats)
-    start = time.perf_counter()
-    outs = engine.generate(workload.prompts, params)
-    wall = time.perf_counter() - start
+    with Stopwatch() as clock:
+        outs = engine.generate(workload.prompts, params)
     after = asdict(engine.stats)
     stats = {key: after[key] - before[key] for key in after}
     return ContenderResult(
         name="ours",
-        wall_s=wall,
+        wall_s=clock.wall_s,
+        cpu_s=clock.cpu_s,
         outputs=[list(out.token_ids) for out in outs],
         details={"engine_stats": stats},
     )

@@ -36,12 +36,15 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"output len U{workload['output_len_uniform']}, greedy, ignore_eos; "
         f"{workload['total_prompt_tokens']} prompt + {workload['total_output_tokens']} output tokens",
         "",
-        f"{'contender':<12}{'wall s':>10}{'out tok':>10}{'tok/s':>10}{'ours / it':>12}",
+        f"{'contender':<12}{'out tok':>9}{'wall s':>9}{'tok/s':>9}{'ours/it':>9}"
+        f"{'CPU s':>9}{'tok/CPUs':>10}{'ours/it':>9}",
     ]
+    ours_cpu = float(contenders["ours"]["tok_per_cpu_s"])
     for name, row in contenders.items():
-        ratio = ours / float(row["tok_s"]) if row["tok_s"] else float("inf")
         lines.append(
-            f"{name:<12}{row['wall_s']:>10.2f}{row['output_tokens']:>10d}{row['tok_s']:>10.1f}{ratio:>12.2f}"
+            f"{name:<12}{row['output_tokens']:>9d}{row['wall_s']:>9.2f}{row['tok_s']:>9.1f}"
+            f"{_ratio(ours, row['tok_s']):>9.2f}{row['cpu_s']:>9.2f}{row['tok_per_cpu_s']:>10.1f}"
+            f"{_ratio(ours_cpu, row['tok_per_cpu_s']):>9.2f}"
         )
     lines += [
         "",
@@ -65,6 +68,10 @@ def format_table(results: Mapping[str, Any]) -> str:
         verdict = "met" if target["met"] else "MISSED"
         lines.append(f"  {name:<26} {target['value']:>7.2f}  (>= {target['target']:.1f})  {verdict}")
     return "\n".join(lines)
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else float("inf")
 
 
 def write_json(results: Mapping[str, Any], path: Path) -> None:

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--json", type=Path, default=None, help="write the results here")
     engine.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     engine.set_defaults(handler=_bench_engine)
+    pipeline = bench_kinds.add_parser("pipeline", help="the whole stack over gRPC vs the engine in-process")
+    pipeline.add_argument("--json", type=Path, default=None, help="write the results here")
+    pipeline.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
+    pipeline.set_defaults(handler=_bench_pipeline)
 
     _add_serving_commands(commands)
     return parser
@@ -64,6 +68,13 @@ def _bench_engine(args: argparse.Namespace) -> int:
     from loadtest.engine_bench import run_engine_benchmark
 
     run_engine_benchmark(quick=args.quick, json_path=args.json)
+    return 0
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from loadtest.pipeline_bench import run_pipeline_benchmark
+
+    run_pipeline_benchmark(quick=args.quick, json_path=args.json)
     return 0
 
 

@@ -35,7 +35,8 @@ def test_bench_engine_smoke(tmp_path: Path) -> None:
     results = run_plan(tiny_plan(), json_path, log=lambda _: None)
 
     on_disk = json.loads(json_path.read_text())
-    assert REQUIRED_KEYS <= on_disk.keys()
+    missing = REQUIRED_KEYS - on_disk.keys()
+    assert not missing, missing
     asked = on_disk["workload"]["output_lengths"]
     assert len(asked) == 3
     assert on_disk["workload"]["total_output_tokens"] == sum(asked)

@@ -56,7 +56,7 @@ def load_model(
 
     layout = checkpoint_layout(spec)
     with _open_checkpoint(model_dir) as checkpoint:
-        _check_names(layout, checkpoint, spec)
+        _check_names(layout, checkpoint, spec, model_dir)
         state = {
             name: _assemble(source, shapes[name], checkpoint, device, dtype)
             for name, source in layout.items()
@@ -121,12 +121,16 @@ def _open_checkpoint(model_dir: Path) -> Iterator[Checkpoint]:
         yield checkpoint
 
 
-def _check_names(layout: Mapping[str, WeightSource], checkpoint: Checkpoint, spec: ModelSpec) -> None:
+def _check_names(
+    layout: Mapping[str, WeightSource], checkpoint: Checkpoint, spec: ModelSpec, model_dir: Path
+) -> None:
     expected = {name for source in layout.values() for name in source.names}
     missing = sorted(expected - checkpoint.keys())
     if missing:
         raise InvalidParameterError(
-            "checkpoint", f"{len(missing)} missing", f"{spec.architecture} needs {_preview(missing)}"
+            "model_dir",
+            str(model_dir),
+            f"{len(missing)} weight(s) that {spec.architecture} needs are missing: {_preview(missing)}",
         )
     unexpected = sorted(
         name
@@ -137,9 +141,10 @@ def _check_names(layout: Mapping[str, WeightSource], checkpoint: Checkpoint, spe
     )
     if unexpected:
         raise InvalidParameterError(
-            "checkpoint",
-            f"{len(unexpected)} unexpected",
-            f"weights unknown to {spec.architecture} with this config: {_preview(unexpected)}",
+            "model_dir",
+            str(model_dir),
+            f"{len(unexpected)} weight(s) unknown to {spec.architecture} with this config.json: "
+            f"{_preview(unexpected)}",
         )
 
 
