@@ -129,13 +129,13 @@ def demo_prompts(count: int, seed: int) -> list[str]:
     ``services.demo.corpus``), or addition alone (``"a+b="``) where that module is missing."""
     rng = random.Random(seed)
     try:
-        from services.demo.corpus import FACT_ATTRIBUTES, WORLD, addition_example, counting_example, fact_example
+        from services.demo import corpus
     except ImportError:
         return [f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=" for _ in range(count)]
     makers: tuple[Callable[[], str], ...] = (
-        lambda: addition_example(rng.randint(0, 99), rng.randint(0, 99)).prompt,
-        lambda: counting_example(rng.randint(0, 99), rng.randint(1, 9)).prompt,
-        lambda: fact_example(rng.choice(WORLD), rng.choice(FACT_ATTRIBUTES)).prompt,
+        lambda: corpus.addition_example(rng.randint(0, 99), rng.randint(0, 99)).prompt,
+        lambda: corpus.counting_example(rng.randint(0, 99), rng.randint(1, 9)).prompt,
+        lambda: corpus.fact_example(rng.choice(corpus.WORLD), rng.choice(corpus.FACT_ATTRIBUTES)).prompt,
     )
     return [makers[index % len(makers)]() for index in range(count)]
 

@@ -1,0 +1,210 @@
+"""The training loop of the demo model: a small Llama trained with plain AdamW.
+
+Training stops after a fixed number of steps, never by wall clock, so that a seed
+fixes every weight. Rows are padded per batch; only the answer (and its EOS) is
+scored for task rows, every token for prose rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from services.demo.corpus import TrainingExample, TrainingStream
+from services.errors import InvalidParameterError
+
+logger = logging.getLogger(__name__)
+
+IGNORED_LABEL = -100  # the label value Hugging Face's causal-LM loss skips
+MAX_POSITION_EMBEDDINGS = 2048
+
+
+@dataclass(frozen=True)
+class DemoModelRecipe:
+    """Everything that shapes the demo model besides the seed. The default is the real recipe,
+    sized to build in about three minutes on two CPU cores; tests use tiny ones."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    vocab_size: int = 1024  # upper bound; BPE training may stop short of it
+    train_steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    tokenizer_rows: int = 4000  # sampled task rows the BPE is trained on, besides all prose and facts
+    eval_examples: int = 200  # per task, for the accuracy recorded at build time
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidParameterError(f"recipe.{field.name}", value, "must be a positive number")
+            if field.type == "int" and not isinstance(value, int):
+                raise InvalidParameterError(f"recipe.{field.name}", value, "must be an integer")
+        if self.hidden_size % self.num_heads:
+            raise InvalidParameterError("recipe.num_heads", self.num_heads, "must divide hidden_size")
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidParameterError("recipe.num_kv_heads", self.num_kv_heads, "must divide num_heads")
+        if not math.isfinite(self.learning_rate):
+            raise InvalidParameterError("recipe.learning_rate", self.learning_rate, "must be finite")
+
+
+DEFAULT_RECIPE = DemoModelRecipe()
+
+
+def llama_config(recipe: DemoModelRecipe, vocab_size: int, special_ids: dict[str, int]) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **special_ids,
+    )
+
+
+def initial_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised model; the caller's global torch RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    input_ids: tuple[int, ...]
+    scored_from: int  # labels before this position are ignored
+
+
+class RowEncoder:
+    """Turns training rows into token ids exactly as a serving prompt would be tokenized,
+    so the model trains on the ids it will see."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self._tokenizer = tokenizer
+        self._eos_id: int = tokenizer.eos_token_id
+        self._cache: dict[TrainingExample, EncodedRow] = {}
+
+    def encode(self, row: TrainingExample) -> EncodedRow:
+        encoded = self._cache.get(row)
+        if encoded is None:
+            encoded = self._encode_chat(row) if row.as_chat else self._encode_plain(row)
+            self._cache[row] = encoded
+        return encoded
+
+    def _encode_plain(self, row: TrainingExample) -> EncodedRow:
+        prompt_ids = self._tokenizer(row.example.prompt).input_ids
+        full_ids = [*self._tokenizer(row.example.prompt + row.example.answer).input_ids, self._eos_id]
+        return self._split(row, prompt_ids, full_ids)
+
+    def _encode_chat(self, row: TrainingExample) -> EncodedRow:
+        user = {"role": "user", "content": row.example.prompt}
+        assistant = {"role": "assistant", "content": row.example.answer.strip()}
+        prompt = self._tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        full = self._tokenizer.apply_chat_template([user, assistant], tokenize=False)
+        prompt_ids = self._tokenizer(prompt, add_special_tokens=False).input_ids
+        full_ids = self._tokenizer(full, add_special_tokens=False).input_ids
+        return self._split(row, prompt_ids, full_ids)
+
+    def _split(self, row: TrainingExample, prompt_ids: list[int], full_ids: list[int]) -> EncodedRow:
+        # The prompt must tokenize the same alone as in front of its answer, or the
+        # model would learn to continue ids that a real prompt never produces.
+        if full_ids[: len(prompt_ids)] != prompt_ids or full_ids[-1] != self._eos_id:
+            raise InvalidParameterError("corpus.row", row.example.prompt, "prompt ids are not a prefix of the row")
+        return EncodedRow(tuple(full_ids), len(prompt_ids))
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
+    width = max(len(row.input_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORED_LABEL, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = torch.tensor(row.input_ids, dtype=torch.long)
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+        labels[i, row.scored_from : len(ids)] = ids[row.scored_from :]
+    return Batch(input_ids, attention_mask, labels)
+
+
+def batches(stream: TrainingStream, encoder: RowEncoder, batch_size: int, pad_id: int) -> Iterator[Batch]:
+    while True:
+        yield collate([encoder.encode(row) for row in stream.take(batch_size)], pad_id)
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    steps: int
+    final_loss: float  # mean over the last tenth of the steps
+    seconds: float
+
+
+def train(
+    model: LlamaForCausalLM,
+    data: Iterator[Batch],
+    recipe: DemoModelRecipe,
+    log: Callable[[str], None],
+) -> TrainingSummary:
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, weight_decay=0.01), lr=recipe.learning_rate, betas=(0.9, 0.98)
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(recipe.train_steps))
+    model.train()
+    started = time.perf_counter()
+    recent_losses: deque[float] = deque(maxlen=max(1, recipe.train_steps // 10))
+    report_every = max(1, recipe.train_steps // 10)
+    for step in range(1, recipe.train_steps + 1):
+        batch = next(data)
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        recent_losses.append(loss.item())
+        if step % report_every == 0 or step == recipe.train_steps:
+            elapsed = time.perf_counter() - started
+            log(f"step {step}/{recipe.train_steps}: loss {loss.item():.3f} ({elapsed:.0f}s)")
+            logger.info("demo training step", extra={"step": step, "loss": loss.item(), "seconds": elapsed})
+    model.eval()
+    return TrainingSummary(recipe.train_steps, sum(recent_losses) / len(recent_losses), time.perf_counter() - started)
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    # Decay matrices only: decaying norm gains pulls them towards zero for no benefit.
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+
+
+def _warmup_cosine(total_steps: int) -> Callable[[int], float]:
+    warmup = max(1, total_steps // 20)
+    floor = 0.1
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
