@@ -35,6 +35,7 @@ import gc
 import math
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -418,8 +419,8 @@ def process_label(cmdline: Sequence[str]) -> str:
     first = cmdline[0].strip() if cmdline else ""
     if not first:
         return "?"
-    if first.startswith("ray::"):
-        return first.split()[0]
+    if first.startswith("ray::"):  # Ray appends ".method" while an actor runs a task; drop it
+        return re.sub(r"\.[A-Za-z_]\w*$", "", first.split()[0])
     program = os.path.basename(first.split()[0])
     if program.startswith("python"):
         for index, arg in enumerate(cmdline[1:], start=1):

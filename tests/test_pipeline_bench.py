@@ -96,6 +96,9 @@ def test_plan_quick_changes_only_request_counts() -> None:
 def test_process_labels() -> None:
     assert pb.process_label(["ray::ServeReplica:tokenline:ingress"]) == "ray::ServeReplica:tokenline:ingress"
     assert pb.process_label(["ray::ProxyActor   "]) == "ray::ProxyActor"
+    running_a_task = ["ray::ServeReplica:app:engine-demo.handle_request"]
+    assert pb.process_label(running_a_task) == "ray::ServeReplica:app:engine-demo"
+    assert pb.process_label(["ray::ServeController.listen_for_change"]) == "ray::ServeController"
     assert pb.process_label(["/usr/bin/redis-server", "127.0.0.1:6379"]) == "redis-server"
     assert pb.process_label(["/venv/bin/python3", "/x/log_monitor.py", "--a"]) == "python log_monitor.py"
     assert pb.process_label(["python", "-m", "loadtest.x"]) == "python -m loadtest.x"

@@ -120,7 +120,9 @@ def counting_example(start: int, step: int) -> TaskExample:
 
 
 def fact_example(country: Country, attribute: str) -> TaskExample:
-    return TaskExample(Task.FACTS, f"{attribute.capitalize()} of {country.name}?", f" {getattr(country, attribute)}")
+    return TaskExample(
+        Task.FACTS, f"{attribute.capitalize()} of {country.name}?", f" {getattr(country, attribute)}"
+    )
 
 
 def addition_pairs(*, held_out: bool) -> tuple[tuple[int, int], ...]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.errors import InvalidParameterError
 
@@ -66,11 +67,10 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    bos_id = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
-        special_tokens=[(BOS_TOKEN, bos_id)],
+        special_tokens=[(BOS_TOKEN, _token_id(tokenizer, BOS_TOKEN))],
     )
     return tokenizer
 
@@ -95,13 +95,31 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
 
 
-def as_transformers_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    """The same tokenizer as ``AutoTokenizer`` will load it from the written files."""
-    config = tokenizer_config()
-    del config["tokenizer_class"]
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **config)
+def load_tokenizer(checkpoint_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer exactly as users get it: ``AutoTokenizer`` over the written files."""
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+    if tokenizer is None:
+        raise InvalidParameterError("path", str(checkpoint_dir), "holds no loadable tokenizer")
+    return tokenizer
 
 
-def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    ids = {token: tokenizer.token_to_id(token) for token in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)}
-    return {"pad_token_id": ids[PAD_TOKEN], "bos_token_id": ids[BOS_TOKEN], "eos_token_id": ids[EOS_TOKEN]}
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    pad: int
+    bos: int
+    eos: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> SpecialTokenIds:
+        return cls(
+            pad=_token_id(tokenizer, PAD_TOKEN),
+            bos=_token_id(tokenizer, BOS_TOKEN),
+            eos=_token_id(tokenizer, EOS_TOKEN),
+        )
+
+
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise InvalidParameterError("tokenizer.special_tokens", token, "missing from the vocabulary")
+    return int(token_id)

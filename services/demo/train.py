@@ -15,15 +15,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from services.demo.corpus import TrainingExample, TrainingStream
+from services.demo.tokenizer import SpecialTokenIds
 from services.errors import InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
 IGNORED_LABEL = -100  # the label value Hugging Face's causal-LM loss skips
 MAX_POSITION_EMBEDDINGS = 2048
+PACK_WIDTH = 64  # tokens per packed training sequence; longer rows get a pack of their own width
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class DemoModelRecipe:
 DEFAULT_RECIPE = DemoModelRecipe()
 
 
-def llama_config(recipe: DemoModelRecipe, vocab_size: int, special_ids: dict[str, int]) -> LlamaConfig:
+def llama_config(recipe: DemoModelRecipe, vocab_size: int, special_ids: SpecialTokenIds) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
@@ -72,7 +74,11 @@ def llama_config(recipe: DemoModelRecipe, vocab_size: int, special_ids: dict[str
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
-        **special_ids,
+        pad_token_id=special_ids.pad,
+        bos_token_id=special_ids.bos,
+        eos_token_id=special_ids.eos,
+        # Training passes boolean block-diagonal masks, which mean "may attend" to SDPA.
+        attn_implementation="sdpa",
     )
 
 
@@ -93,7 +99,7 @@ class RowEncoder:
     """Turns training rows into token ids exactly as a serving prompt would be tokenized,
     so the model trains on the ids it will see."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._eos_id: int = tokenizer.eos_token_id
         self._cache: dict[TrainingExample, EncodedRow] = {}
@@ -123,33 +129,63 @@ class RowEncoder:
         # The prompt must tokenize the same alone as in front of its answer, or the
         # model would learn to continue ids that a real prompt never produces.
         if full_ids[: len(prompt_ids)] != prompt_ids or full_ids[-1] != self._eos_id:
-            raise InvalidParameterError("corpus.row", row.example.prompt, "prompt ids are not a prefix of the row")
+            raise InvalidParameterError(
+                "corpus.row", row.example.prompt, "prompt ids are not a prefix of the row"
+            )
         return EncodedRow(tuple(full_ids), len(prompt_ids))
 
 
 @dataclass(frozen=True)
 class Batch:
+    """Rows packed into ``[packs, width]`` sequences, each row attending only to itself."""
+
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    position_ids: torch.Tensor  # every row starts at position 0, as a prompt does when served
+    attention_mask: torch.Tensor  # [packs, 1, width, width] bool: True where a query may attend a key
     labels: torch.Tensor
 
 
-def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
-    width = max(len(row.input_ids) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORED_LABEL, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids = torch.tensor(row.input_ids, dtype=torch.long)
-        input_ids[i, : len(ids)] = ids
-        attention_mask[i, : len(ids)] = 1
-        labels[i, row.scored_from : len(ids)] = ids[row.scored_from :]
-    return Batch(input_ids, attention_mask, labels)
+def pack(rows: list[EncodedRow], pad_id: int, width: int = PACK_WIDTH) -> Batch:
+    """Pack rows first-fit-decreasing into sequences of ``width`` tokens.
+
+    Rows differ in length by 3x; padding each to the longest would double the
+    compute of a step. The block-diagonal causal mask and per-row positions make a
+    packed row's logits the same as if it ran alone.
+    """
+    width = max(width, *(len(row.input_ids) for row in rows))
+    packs: list[list[EncodedRow]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: len(r.input_ids), reverse=True):
+        fits = next((i for i, free in enumerate(room) if len(row.input_ids) <= free), None)
+        if fits is None:
+            packs.append([])
+            room.append(width)
+            fits = len(packs) - 1
+        packs[fits].append(row)
+        room[fits] -= len(row.input_ids)
+
+    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    labels = torch.full((len(packs), width), IGNORED_LABEL, dtype=torch.long)
+    segments = torch.full((len(packs), width), -1, dtype=torch.long)  # padding is a segment of its own
+    for p, packed in enumerate(packs):
+        offset = 0
+        for segment, row in enumerate(packed):
+            ids = torch.tensor(row.input_ids, dtype=torch.long)
+            end = offset + len(ids)
+            input_ids[p, offset:end] = ids
+            position_ids[p, offset:end] = torch.arange(len(ids))
+            labels[p, offset + row.scored_from : end] = ids[row.scored_from :]
+            segments[p, offset:end] = segment
+            offset = end
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    attention_mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return Batch(input_ids, position_ids, attention_mask[:, None], labels)
 
 
 def batches(stream: TrainingStream, encoder: RowEncoder, batch_size: int, pad_id: int) -> Iterator[Batch]:
     while True:
-        yield collate([encoder.encode(row) for row in stream.take(batch_size)], pad_id)
+        yield pack([encoder.encode(row) for row in stream.take(batch_size)], pad_id)
 
 
 @dataclass(frozen=True)
@@ -175,7 +211,12 @@ def train(
     report_every = max(1, recipe.train_steps // 10)
     for step in range(1, recipe.train_steps + 1):
         batch = next(data)
-        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        loss = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
@@ -186,8 +227,10 @@ def train(
             elapsed = time.perf_counter() - started
             log(f"step {step}/{recipe.train_steps}: loss {loss.item():.3f} ({elapsed:.0f}s)")
             logger.info("demo training step", extra={"step": step, "loss": loss.item(), "seconds": elapsed})
-    model.eval()
-    return TrainingSummary(recipe.train_steps, sum(recent_losses) / len(recent_losses), time.perf_counter() - started)
+    model.train(False)
+    return TrainingSummary(
+        recipe.train_steps, sum(recent_losses) / len(recent_losses), time.perf_counter() - started
+    )
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:

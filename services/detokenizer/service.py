@@ -27,62 +27,75 @@ class DetokenizerService:
         self._queue = QueueClient(redis_url, queue_config)
 
     async def stream(self, request: StreamRequest) -> AsyncIterator[TextDelta]:
-        detokenizer = IncrementalDetokenizer(self._tokenizers[request.model])
-        stops = StopStringMatcher(request.stop) if request.stop else None
+        """Text deltas of the request's output from token ``request.from_token`` on.
+
+        Tokens before ``from_token`` are still detokenized (the text of a token
+        depends on those before it) and run through the stop strings, but not sent.
+        """
+        follower = _TextFollower(self._tokenizers[request.model], request.stop)
         cursor = OutputCursor(request.request_id)
         while not cursor.finished:
             chunks, cursor = await self._queue.read(cursor, block_ms=READ_BLOCK_MS)
             for chunk in chunks:
-                delta = _detokenize(chunk, detokenizer, stops)
-                if stops is not None and stops.matched is not None:
+                seen, new = _split(chunk, request.from_token)
+                if seen is not None:
+                    follower.push(seen)
+                if new is None:
+                    continue
+                delta = follower.push(new)
+                if delta.matched_stop:
                     await self._queue.cancel(request.model, request.request_id)
-                    completion = delta.token_index + len(delta.token_ids)
-                    yield replace(delta, usage=Usage(request.num_prompt_tokens, completion, 0))
+                    yield replace(delta, usage=Usage(request.num_prompt_tokens, new.end_index, 0))
                     return
-                if delta.token_index + len(delta.token_ids) > request.from_token or delta.finish_reason:
-                    yield _skip_before(delta, request.from_token)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
 
 
-def _detokenize(
-    chunk: TokenChunk, detokenizer: IncrementalDetokenizer, stops: StopStringMatcher | None
-) -> TextDelta:
-    text = detokenizer.push(chunk.token_ids)
-    if chunk.finish_reason is not None:
-        text += detokenizer.finish()
-    finish_reason = chunk.finish_reason
-    matched = None
-    if stops is not None:
-        text, matched = stops.push(text)
-        if matched is not None:
-            finish_reason = FinishReason.STOP
-        elif chunk.finish_reason is not None:
-            text += stops.finish()
-    return TextDelta(
-        request_id=chunk.request_id,
-        text=text,
-        token_ids=chunk.token_ids,
-        token_index=chunk.start_index,
-        finish_reason=finish_reason,
-        matched_stop=matched or "",
-        usage=chunk.usage,
-        error=chunk.error,
-        logprobs=chunk.logprobs,
+class _TextFollower:
+    """Incremental detokenization plus stop strings over the chunks of one request."""
+
+    def __init__(self, tokenizer: PromptTokenizer, stops: tuple[str, ...]) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringMatcher(stops) if stops else None
+
+    def push(self, chunk: TokenChunk) -> TextDelta:
+        text = self._detokenizer.push(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            text += self._detokenizer.finish()
+        finish_reason = chunk.finish_reason
+        matched = None
+        if self._stops is not None:
+            text, matched = self._stops.push(text)
+            if matched is not None:
+                finish_reason = FinishReason.STOP
+            elif chunk.finish_reason is not None:
+                text += self._stops.finish()
+        return TextDelta(
+            request_id=chunk.request_id,
+            text=text,
+            token_ids=chunk.token_ids,
+            token_index=chunk.start_index,
+            finish_reason=finish_reason,
+            matched_stop=matched or "",
+            usage=chunk.usage,
+            error=chunk.error,
+            logprobs=chunk.logprobs,
+        )
+
+
+def _split(chunk: TokenChunk, from_token: int) -> tuple[TokenChunk | None, TokenChunk | None]:
+    """(part the client already has, part to send); either may be None."""
+    if chunk.start_index >= from_token:
+        return None, chunk
+    if chunk.end_index <= from_token and chunk.finish_reason is None:
+        return chunk, None
+    cut = min(len(chunk.token_ids), from_token - chunk.start_index)
+    seen = TokenChunk(chunk.request_id, chunk.start_index, chunk.token_ids[:cut])
+    rest = replace(
+        chunk,
+        start_index=chunk.start_index + cut,
+        token_ids=chunk.token_ids[cut:],
+        logprobs=chunk.logprobs[cut:],
     )
-
-
-def _skip_before(delta: TextDelta, from_token: int) -> TextDelta:
-    """Drop the tokens (and their text) a resuming client already has."""
-    if delta.token_index >= from_token:
-        return delta
-    skip = from_token - delta.token_index
-    return TextDelta(
-        request_id=delta.request_id,
-        text="",
-        token_ids=delta.token_ids[skip:],
-        token_index=from_token,
-        finish_reason=delta.finish_reason,
-        matched_stop=delta.matched_stop,
-        usage=delta.usage,
-        error=delta.error,
-        logprobs=delta.logprobs[skip:],
-    )
+    return seen, rest

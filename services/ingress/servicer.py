@@ -107,6 +107,25 @@ class IngressService:
             ]
         )
 
+    async def Resume(
+        self, request: pb.ResumeRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """The rest of an accepted request's stream, from token ``from_token``: for a client
+        whose stream broke (an ingress replica died, a connection dropped)."""
+        try:
+            stream = await self._queue.stream_request(request.request_id)
+        except TokenlineError as error:
+            raise abort(grpc_context, rpc_error_for(error)) from error
+        if stream is None:
+            raise abort(
+                grpc_context,
+                RpcError(
+                    grpc.StatusCode.NOT_FOUND, f"request_id: no request {request.request_id!r} is known"
+                ),
+            )
+        async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
+            yield convert.stream_response(delta)
+
     # ---- the path of one request ----------------------------------------------------------
     async def _generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
@@ -118,6 +137,13 @@ class IngressService:
         stream = StreamRequest(
             accepted.request_id, accepted.model, len(accepted.prompt_token_ids), accepted.params.stop
         )
+        async for delta in self._follow(stream, grpc_context):
+            yield delta
+
+    async def _follow(
+        self, stream: StreamRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[TextDelta]:
+        """Relay the detokenizer's deltas; a stream that ends early cancels the request."""
         finished = False
         try:
             async for delta in self._detokenizer.stream.options(stream=True).remote(stream):
@@ -129,7 +155,7 @@ class IngressService:
                 yield delta
         finally:
             if not finished:  # client went away, deadline passed or this replica is stopping
-                await asyncio.shield(self._queue.cancel(accepted.model, accepted.request_id))
+                await asyncio.shield(self._queue.cancel(stream.model, stream.request_id))
 
     async def _accept(self, request: pb.GenerateRequest) -> GenerationRequest:
         parsed = convert.parse_generate(request)

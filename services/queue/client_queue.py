@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from services.errors import InvalidParameterError, QueueFullError
-from services.messages import GenerationRequest, TokenChunk
+from services.messages import GenerationRequest, StreamRequest, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.keys import ENGINE_GROUP, QueueKeys, check_request_id
@@ -68,12 +68,18 @@ class QueueClient:
         keys = self._keys.for_model(request.model)
         config = self._config
         reply = await self._scripts[LuaScript.ENQUEUE](
-            keys=[keys.requests, keys.active, self._keys.idempotency(request.request_id)],
+            keys=[
+                keys.requests,
+                keys.active,
+                self._keys.idempotency(request.request_id),
+                self._keys.stream_metadata(request.request_id),
+            ],
             args=[
                 request.request_id,
                 config.max_queue_depth,
                 config.idempotency_ttl_ms,
                 ENGINE_GROUP,
+                codec.encode_stream_request(request),
                 *codec.flatten(codec.encode_request(request)),
             ],
         )
@@ -117,6 +123,11 @@ class QueueClient:
         reply = await self._redis.xread({key: cursor.entry_id}, count=max_entries, block=block_ms or None)
         entries = codec.decode_chunk_entries(cursor.request_id, codec.stream_entries(reply))
         return advance(cursor, entries)
+
+    async def stream_request(self, request_id: str) -> StreamRequest | None:
+        """How to follow an accepted request's output (model, stop strings), or None if unknown."""
+        blob = await self._redis.get(self._keys.stream_metadata(request_id))
+        return None if blob is None else codec.decode_stream_request(request_id, blob)
 
     async def depth(self, model: str) -> int:
         """Accepted-but-unfinished requests of ``model`` (what admission compares to the bound)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from services.errors import InvalidParameterError
-from services.messages import FinishReason, GenerationRequest, TokenChunk, Usage
+from services.messages import FinishReason, GenerationRequest, StreamRequest, TokenChunk, Usage
 
 CODEC_VERSION = b"1"
 MAX_TOKEN_ID = 2**32 - 1
@@ -164,3 +164,19 @@ def _required(fields: RawFields, name: str) -> bytes:
     if value is None:
         raise KeyError(f"missing field {name!r}")
     return value
+
+
+def encode_stream_request(request: GenerationRequest) -> bytes:
+    """What a reader needs to follow a request's output: small, unlike the request itself."""
+    return json.dumps(
+        {
+            "model": request.model,
+            "prompt_tokens": len(request.prompt_token_ids),
+            "stop": list(request.params.stop),
+        }
+    ).encode()
+
+
+def decode_stream_request(request_id: str, blob: bytes | str) -> StreamRequest:
+    data = json.loads(blob)
+    return StreamRequest(request_id, str(data["model"]), int(data["prompt_tokens"]), tuple(data["stop"]))

@@ -8,6 +8,7 @@ Layout (prefix ``tl``):
 - ``tl:{model}:dead``      dead-letter stream
 - ``tl:out:{request_id}``  output stream of one request
 - ``tl:idem:{request_id}`` idempotency marker of one request id
+- ``tl:meta:{request_id}`` what a reader needs to resume the request's stream
 
 Per-model suffixes contain no ``:``, so two models can never share a key. Only a
 model whose first segment is a shared namespace (``out``, ``idem``) could collide
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from services.errors import InvalidParameterError
 
 ENGINE_GROUP = "engines"
-_SHARED_NAMESPACES = frozenset({"out", "idem"})
+_SHARED_NAMESPACES = frozenset({"out", "idem", "meta"})
 MAX_NAME_CHARS = 512
 
 
@@ -54,6 +55,10 @@ class QueueKeys:
     def idempotency(self, request_id: str) -> str:
         check_request_id(request_id)
         return f"{self.prefix}:idem:{request_id}"
+
+    def stream_metadata(self, request_id: str) -> str:
+        check_request_id(request_id)
+        return f"{self.prefix}:meta:{request_id}"
 
 
 def check_request_id(request_id: str) -> None:
