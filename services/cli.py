@@ -54,6 +54,9 @@ def _add_serving_commands(commands: argparse._SubParsersAction[argparse.Argument
     except ImportError:  # the serving stack is optional for offline use of the engine
         return
     add_serving_commands(commands)
+    from services.cli_keys import add_keys_commands
+
+    add_keys_commands(commands)
 
 
 def _demo_model(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.config import AppConfig, ModelConfig
+from services.config import AppConfig, ModelConfig, local_api_key_path
 
 
 def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +24,7 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     serve_cmd.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start one)")
     serve_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
     serve_cmd.add_argument("--engine-replicas", type=int, default=None, help="engine replicas per model")
+    serve_cmd.add_argument("--no-auth", action="store_true", help="accept RPCs without an API key")
     serve_cmd.set_defaults(handler=_serve)
 
     gen = commands.add_parser("generate", help="send one prompt over gRPC and print the answer")
@@ -35,7 +36,9 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--model", default="", help="model name (default: the server's default)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
-    gen.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer KEY'")
+    gen.add_argument(
+        "--api-key", default=None, help="sent as 'authorization: Bearer KEY' (default: the key `serve` wrote)"
+    )
     gen.set_defaults(handler=_generate)
 
 
@@ -61,6 +64,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         updates["redis_url"] = args.redis_url
     if args.grpc_port is not None:
         updates["grpc_port"] = args.grpc_port
+    if args.no_auth:
+        updates["auth"] = config.auth.model_copy(update={"enabled": False})
     return AppConfig.model_validate({**config.model_dump(), **updates})
 
 
@@ -73,6 +78,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from services.client import GenerateOptions, generate_to_stdout
 
+    api_key = args.api_key
+    key_file = local_api_key_path()
+    if api_key is None and key_file.exists():
+        api_key = key_file.read_text().strip()
     options = GenerateOptions(
         target=args.target,
         model=args.model,
@@ -81,6 +90,6 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         chat=args.chat,
-        api_key=args.api_key,
+        api_key=api_key,
     )
     return generate_to_stdout(args.prompt, options, out=sys.stdout)

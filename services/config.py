@@ -6,6 +6,7 @@ and from CLI flags for ``tokenline serve``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +68,19 @@ class ModelConfig(BaseModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
+class AuthConfig(BaseModel):
+    """Access control at the gRPC edge."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(default=True, description="Require 'authorization: Bearer <key>' on every RPC.")
+    cache_ttl_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="How long an ingress trusts a key lookup; a revoked key stops working within this time.",
+    )
+
+
 class AppConfig(BaseModel):
     """The serving application: models, Redis, gRPC edge and queue policy."""
 
@@ -85,6 +99,7 @@ class AppConfig(BaseModel):
     )
     app_name: str = Field(default="tokenline", description="Ray Serve application name.")
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> AppConfig:
@@ -106,3 +121,10 @@ class AppConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: Path) -> AppConfig:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+def local_api_key_path() -> Path:
+    """Where `tokenline serve` leaves the key it made for a private Redis, and where
+    `tokenline generate` looks when no --api-key is given (readable by the user only)."""
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "tokenline" / "local-api-key"

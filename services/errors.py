@@ -49,6 +49,15 @@ class ModelNotFoundError(TokenlineError):
         super().__init__(f"model {model!r} is not served here")
 
 
+class RequestNotFoundError(TokenlineError):
+    """No accepted request has this id (or it was forgotten after its retention)."""
+
+    def __init__(self, request_id: str) -> None:
+        self._init_args = (request_id,)
+        self.request_id = request_id
+        super().__init__(f"request_id: no request {request_id!r} is known")
+
+
 class QueueFullError(TokenlineError):
     """Admission refused: the model's queue is at its bound."""
 

@@ -14,7 +14,8 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from services.app import GRPC_SERVICER_FUNCTION, build_app
-from services.config import AppConfig
+from services.config import AppConfig, local_api_key_path
+from services.ingress.auth import ApiKeyStore
 from services.queue import RedisServer
 
 logger = logging.getLogger(__name__)
@@ -24,13 +25,15 @@ logger = logging.getLogger(__name__)
 class RunningStack:
     config: AppConfig  # with the Redis URL actually in use
     grpc_target: str  # HOST:PORT for clients
+    private_redis: bool  # True when the stack started its own (empty) Redis
 
 
 @contextlib.contextmanager
 def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator[RunningStack]:
     """Everything ``tokenline serve`` runs, torn down in reverse order on exit."""
     with contextlib.ExitStack() as stack:
-        if not config.redis_url:
+        private_redis = not config.redis_url
+        if private_redis:
             redis_server = stack.enter_context(RedisServer(appendfsync="always"))
             config = config.model_copy(update={"redis_url": redis_server.url})
         if not ray.is_initialized():
@@ -42,7 +45,20 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         )
         stack.callback(serve.shutdown)
         serve.run(build_app(config), name=config.app_name)
-        yield RunningStack(config, f"127.0.0.1:{config.grpc_port}")
+        yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", private_redis)
+
+
+def _issue_local_key(config: AppConfig) -> None:
+    """A private Redis starts empty: give the local user a key for every model."""
+    with ApiKeyStore(config.redis_url, config.queue.key_prefix) as store:
+        key, record = store.create("local")
+    path = local_api_key_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(key + "\n")
+    logger.info("api key for tenant 'local' written", extra={"path": str(path), "key_id": record.key_id})
+    print(f"api key (tenant 'local', id {record.key_id}) written to {path}", flush=True)
 
 
 def run_server(config: AppConfig, ray_address: str | None = None) -> int:
@@ -50,6 +66,8 @@ def run_server(config: AppConfig, ray_address: str | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     with running_stack(config, ray_address) as stack:
+        if stack.private_redis and stack.config.auth.enabled:
+            _issue_local_key(stack.config)
         print(f"ready: grpc://{stack.grpc_target}", flush=True)
         stop.wait()
         logger.info("shutting down")

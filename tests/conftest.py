@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from services.queue.redis_server import RedisServer
+from tests.serving_stack import Stack, stack_config, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,10 @@ def demo_model_dir() -> Path:
     from services.demo import build_demo_model
 
     return build_demo_model()
+
+
+@pytest.fixture(scope="session")
+def stack(demo_model_dir: Path) -> Iterator[Stack]:
+    """The whole serving stack, shared by the end-to-end tests: two engine replicas of the demo
+    model, a small queue bound and a short lease so that faults resolve in seconds."""
+    yield from start_stack(stack_config(str(demo_model_dir)))

@@ -11,6 +11,7 @@ from ray import serve
 
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.engine.replica import ReplicaStatus
+from services.ingress.auth import ApiKeyStore
 from services.queue import QueueConfig
 from services.server import running_stack
 
@@ -21,6 +22,7 @@ MODEL_NAME = "demo"
 class Stack:
     config: AppConfig
     target: str
+    api_key: str  # tenant "tester", every model
 
     def engine_statuses(self, replicas: int, attempts: int = 40) -> dict[int, ReplicaStatus]:
         """The status of every engine replica, by pid. Serve balances handle calls over
@@ -59,11 +61,13 @@ def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: 
 
 def start_stack(config: AppConfig) -> Iterator[Stack]:
     with running_stack(config) as running:
-        wait_ready(running.grpc_target)
-        yield Stack(running.config, running.grpc_target)
+        with ApiKeyStore(running.config.redis_url, config.queue.key_prefix) as keys:
+            api_key, _ = keys.create("tester")
+        wait_ready(running.grpc_target, api_key)
+        yield Stack(running.config, running.grpc_target, api_key)
 
 
-def wait_ready(target: str, timeout_s: float = 120.0) -> None:
+def wait_ready(target: str, api_key: str, timeout_s: float = 120.0) -> None:
     import grpc
 
     from services.proto.tokenline.v1 import generation_pb2 as pb
@@ -74,7 +78,9 @@ def wait_ready(target: str, timeout_s: float = 120.0) -> None:
         stub = pb_grpc.GenerationStub(channel)
         while True:
             try:
-                stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                stub.ListModels(
+                    pb.ListModelsRequest(), timeout=5, metadata=(("authorization", f"Bearer {api_key}"),)
+                )
                 return
             except grpc.RpcError:
                 if time.monotonic() > deadline:

@@ -17,34 +17,42 @@ import pytest
 from services.client import TokenlineClient
 from services.engine import Engine, EngineConfig, SamplingParams
 from services.proto.tokenline.v1 import generation_pb2 as pb
-from tests.serving_stack import MODEL_NAME, Stack, stack_config, start_stack
+from tests.serving_stack import MODEL_NAME, Stack
 
 pytestmark = pytest.mark.serving
 
-QUESTIONS = [f"{a}+{b}=" for a, b in [(12, 35), (40, 7), (3, 3), (25, 61), (9, 80), (33, 44), (1, 2), (70, 19)]]
-
-
-@pytest.fixture(scope="module")
-def stack(demo_model_dir: Path) -> Iterator[Stack]:
-    yield from start_stack(stack_config(str(demo_model_dir)))
+QUESTIONS = [
+    f"{a}+{b}=" for a, b in [(12, 35), (40, 7), (3, 3), (25, 61), (9, 80), (33, 44), (1, 2), (70, 19)]
+]
 
 
 @pytest.fixture
 def client(stack: Stack) -> Iterator[TokenlineClient]:
-    with TokenlineClient(stack.target) as c:
+    with TokenlineClient(stack.target, stack.api_key) as c:
         yield c
 
 
-def request(prompt: str, *, max_tokens: int = 24, seed: int | None = None, temperature: float = 0.0,
-            request_id: str = "", stop: tuple[str, ...] = (), ignore_eos: bool = False) -> pb.GenerateRequest:
-    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=list(stop),
-                                 ignore_eos=ignore_eos)
+def request(
+    prompt: str,
+    *,
+    max_tokens: int = 24,
+    seed: int | None = None,
+    temperature: float = 0.0,
+    request_id: str = "",
+    stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
+) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, stop=list(stop), ignore_eos=ignore_eos
+    )
     if seed is not None:
         sampling.seed = seed
     return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
 
 
-def collect(messages: Iterator[pb.GenerateStreamResponse]) -> tuple[str, list[int], pb.GenerateStreamResponse]:
+def collect(
+    messages: Iterator[pb.GenerateStreamResponse],
+) -> tuple[str, list[int], pb.GenerateStreamResponse]:
     """Concatenate a stream, checking that token indices are contiguous: no gap, no duplicate."""
     text, ids = [], []
     last = pb.GenerateStreamResponse()
@@ -75,7 +83,7 @@ def test_stream_equals_unary(client: TokenlineClient) -> None:
 
 def test_seeded_output_equals_offline_engine(client: TokenlineClient, demo_model_dir: Path) -> None:
     prompt = "Count: 3 4 5"
-    ids = list(client.stub.Tokenize(pb.TokenizeRequest(text=prompt)).token_ids)
+    ids = list(client.tokenize(pb.TokenizeRequest(text=prompt)).token_ids)
     served = client.generate(request(prompt, seed=99, temperature=0.9, max_tokens=16, ignore_eos=True))
     offline = Engine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64)).generate(
         [ids], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True)
@@ -85,7 +93,7 @@ def test_seeded_output_equals_offline_engine(client: TokenlineClient, demo_model
 
 def test_thirty_two_concurrent_streams_complete(stack: Stack) -> None:
     def one(i: int) -> tuple[str, list[int], pb.GenerateStreamResponse]:
-        with TokenlineClient(stack.target) as c:
+        with TokenlineClient(stack.target, stack.api_key) as c:
             return collect(c.stream(request(QUESTIONS[i % len(QUESTIONS)], seed=i)))
 
     with ThreadPoolExecutor(max_workers=32) as pool:
@@ -99,7 +107,9 @@ def test_stop_string_ends_the_stream_without_leaking(client: TokenlineClient) ->
     full = client.generate(request("Count: 3 4 5", max_tokens=20, ignore_eos=True)).text
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop.strip(), f"need a visible stop string from {full!r}"
-    text, _, last = collect(client.stream(request("Count: 3 4 5", max_tokens=20, ignore_eos=True, stop=(stop,))))
+    text, _, last = collect(
+        client.stream(request("Count: 3 4 5", max_tokens=20, ignore_eos=True, stop=(stop,)))
+    )
     assert text == full[: full.index(stop)]
     assert last.finish_reason == pb.FINISH_REASON_STOP
     assert last.matched_stop == stop
@@ -107,8 +117,8 @@ def test_stop_string_ends_the_stream_without_leaking(client: TokenlineClient) ->
 
 def test_chat_prompt_uses_the_template(client: TokenlineClient) -> None:
     chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="12+35=")])
-    tokenized = client.stub.Tokenize(pb.TokenizeRequest(chat=chat))
-    plain = client.stub.Tokenize(pb.TokenizeRequest(text="12+35="))
+    tokenized = client.tokenize(pb.TokenizeRequest(chat=chat))
+    plain = client.tokenize(pb.TokenizeRequest(text="12+35="))
     assert tokenized.count > plain.count  # the template adds role markers
     response = client.generate(pb.GenerateRequest(chat=chat, sampling=pb.SamplingParams(max_tokens=16)))
     assert response.usage.prompt_tokens == tokenized.count
@@ -116,7 +126,7 @@ def test_chat_prompt_uses_the_template(client: TokenlineClient) -> None:
 
 
 def test_list_models(client: TokenlineClient) -> None:
-    models = client.stub.ListModels(pb.ListModelsRequest()).models
+    models = client.list_models()
     assert [m.name for m in models] == [MODEL_NAME]
     assert models[0].is_default and models[0].max_context_length > 0
 
@@ -125,7 +135,7 @@ def test_cancel_frees_engine_capacity_within_a_second(stack: Stack, client: Toke
     stream = client.stream(request("1+2=", max_tokens=2000, ignore_eos=True, request_id="cancel-me"))
     next(stream)
     assert any("cancel-me" in s.held_request_ids for s in stack.engine_statuses(2).values())
-    assert client.stub.Cancel(pb.CancelRequest(request_id="cancel-me")).found
+    assert client.cancel("cancel-me")
     started = time.monotonic()
     while any(s.running for s in stack.engine_statuses(2).values()):
         assert time.monotonic() - started < 1.0, "engine still runs the cancelled request"
@@ -139,7 +149,7 @@ def test_two_engine_replicas_share_one_queue(stack: Stack) -> None:
     assert len(before) == 2
 
     def one(i: int) -> None:
-        with TokenlineClient(stack.target) as c:
+        with TokenlineClient(stack.target, stack.api_key) as c:
             collect(c.stream(request(QUESTIONS[i % len(QUESTIONS)], max_tokens=40, ignore_eos=True)))
 
     with ThreadPoolExecutor(max_workers=24) as pool:
@@ -153,9 +163,10 @@ def test_killing_an_engine_replica_loses_no_stream(stack: Stack) -> None:
 
     def run_all(tag: str) -> list[tuple[str, list[int]]]:
         def one(i: int) -> tuple[str, list[int]]:
-            with TokenlineClient(stack.target) as c:
-                text, ids, last = collect(c.stream(request(
-                    prompts[i], max_tokens=48, ignore_eos=True, request_id=f"{tag}-{i}")))
+            with TokenlineClient(stack.target, stack.api_key) as c:
+                text, ids, last = collect(
+                    c.stream(request(prompts[i], max_tokens=48, ignore_eos=True, request_id=f"{tag}-{i}"))
+                )
                 assert last.finish_reason == pb.FINISH_REASON_LENGTH
                 return text, ids
 
@@ -211,7 +222,7 @@ def test_full_queue_gets_resource_exhausted(stack: Stack) -> None:
     limit = stack.config.queue.max_queue_depth
 
     def one(i: int) -> grpc.StatusCode:
-        with TokenlineClient(stack.target) as c:
+        with TokenlineClient(stack.target, stack.api_key) as c:
             try:
                 c.generate(request("1+2=", max_tokens=64, ignore_eos=True, request_id=f"flood-{i}"))
                 return grpc.StatusCode.OK

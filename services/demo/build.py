@@ -30,7 +30,6 @@ from services.demo.corpus import TrainingStream, describe_corpus, tokenizer_trai
 from services.demo.evaluate import evaluate_demo_model
 from services.demo.tokenizer import (
     SpecialTokenIds,
-    load_tokenizer,
     train_bpe_tokenizer,
     write_tokenizer,
 )
@@ -133,7 +132,7 @@ def _build_into(staging: Path, seed: int, recipe: DemoModelRecipe, say: _Progres
 
     special_ids = SpecialTokenIds.of(bpe)
     model = initial_model(llama_config(recipe, bpe.get_vocab_size(), special_ids), seed)
-    encoder = RowEncoder(load_tokenizer(staging))
+    encoder = RowEncoder(staging)
     summary = train(
         model, batches(TrainingStream(seed), encoder, recipe.batch_size, special_ids.pad), recipe, say
     )

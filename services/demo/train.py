@@ -13,12 +13,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from tokenizers import Tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.demo.corpus import TrainingExample, TrainingStream
-from services.demo.tokenizer import SpecialTokenIds
+from services.demo.tokenizer import SpecialTokenIds, load_tokenizer
 from services.errors import InvalidParameterError
 
 logger = logging.getLogger(__name__)
@@ -77,8 +79,6 @@ def llama_config(recipe: DemoModelRecipe, vocab_size: int, special_ids: SpecialT
         pad_token_id=special_ids.pad,
         bos_token_id=special_ids.bos,
         eos_token_id=special_ids.eos,
-        # Training passes boolean block-diagonal masks, which mean "may attend" to SDPA.
-        attn_implementation="sdpa",
     )
 
 
@@ -86,7 +86,10 @@ def initial_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     """A freshly initialised model; the caller's global torch RNG state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)
+    # Training passes boolean block-diagonal masks, which mean "may attend" to SDPA.
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,16 @@ class EncodedRow:
 
 
 class RowEncoder:
-    """Turns training rows into token ids exactly as a serving prompt would be tokenized,
-    so the model trains on the ids it will see."""
+    """Turns training rows into token ids exactly as a served prompt is tokenized (the
+    checkpoint's own ``tokenizer.json`` and chat template), so the model trains on the
+    ids it will see."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
-        self._eos_id: int = tokenizer.eos_token_id
+    def __init__(self, checkpoint_dir: Path) -> None:
+        # Ids come from the raw tokenizer (same file, same pipeline as AutoTokenizer, a
+        # fraction of its per-call cost); the transformers tokenizer renders chats.
+        self._ids = Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+        self._chat = load_tokenizer(checkpoint_dir)
+        self._eos_id = SpecialTokenIds.of(self._ids).eos
         self._cache: dict[TrainingExample, EncodedRow] = {}
 
     def encode(self, row: TrainingExample) -> EncodedRow:
@@ -112,17 +119,19 @@ class RowEncoder:
         return encoded
 
     def _encode_plain(self, row: TrainingExample) -> EncodedRow:
-        prompt_ids = self._tokenizer(row.example.prompt).input_ids
-        full_ids = [*self._tokenizer(row.example.prompt + row.example.answer).input_ids, self._eos_id]
+        prompt_ids = self._ids.encode(row.example.prompt).ids
+        full_ids = [*self._ids.encode(row.example.prompt + row.example.answer).ids, self._eos_id]
         return self._split(row, prompt_ids, full_ids)
 
     def _encode_chat(self, row: TrainingExample) -> EncodedRow:
         user = {"role": "user", "content": row.example.prompt}
         assistant = {"role": "assistant", "content": row.example.answer.strip()}
-        prompt = self._tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        full = self._tokenizer.apply_chat_template([user, assistant], tokenize=False)
-        prompt_ids = self._tokenizer(prompt, add_special_tokens=False).input_ids
-        full_ids = self._tokenizer(full, add_special_tokens=False).input_ids
+        prompt = self._chat.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        full = self._chat.apply_chat_template([user, assistant], tokenize=False)
+        if not isinstance(prompt, str) or not isinstance(full, str):
+            raise InvalidParameterError("chat_template", type(full).__name__, "must render to text")
+        prompt_ids = self._ids.encode(prompt, add_special_tokens=False).ids
+        full_ids = self._ids.encode(full, add_special_tokens=False).ids
         return self._split(row, prompt_ids, full_ids)
 
     def _split(self, row: TrainingExample, prompt_ids: list[int], full_ids: list[int]) -> EncodedRow:
@@ -164,23 +173,27 @@ def pack(rows: list[EncodedRow], pad_id: int, width: int = PACK_WIDTH) -> Batch:
         packs[fits].append(row)
         room[fits] -= len(row.input_ids)
 
-    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
-    labels = torch.full((len(packs), width), IGNORED_LABEL, dtype=torch.long)
-    segments = torch.full((len(packs), width), -1, dtype=torch.long)  # padding is a segment of its own
+    # Built as lists and converted once: thousands of tiny tensor writes cost more than the step.
+    input_ids = [[pad_id] * width for _ in packs]
+    position_ids = [[0] * width for _ in packs]
+    labels = [[IGNORED_LABEL] * width for _ in packs]
+    segments = [[-1] * width for _ in packs]  # padding is a segment of its own
     for p, packed in enumerate(packs):
         offset = 0
         for segment, row in enumerate(packed):
-            ids = torch.tensor(row.input_ids, dtype=torch.long)
-            end = offset + len(ids)
-            input_ids[p, offset:end] = ids
-            position_ids[p, offset:end] = torch.arange(len(ids))
-            labels[p, offset + row.scored_from : end] = ids[row.scored_from :]
-            segments[p, offset:end] = segment
-            offset = end
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    attention_mask = (segments[:, :, None] == segments[:, None, :]) & causal
-    return Batch(input_ids, position_ids, attention_mask[:, None], labels)
+            length = len(row.input_ids)
+            input_ids[p][offset : offset + length] = row.input_ids
+            position_ids[p][offset : offset + length] = range(length)
+            labels[p][offset + row.scored_from : offset + length] = row.input_ids[row.scored_from :]
+            segments[p][offset : offset + length] = [segment] * length
+            offset += length
+    segment_ids = torch.tensor(segments)
+    positions = torch.arange(width)
+    causal = positions[None, :] <= positions[:, None]
+    attention_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    return Batch(
+        torch.tensor(input_ids), torch.tensor(position_ids), attention_mask[:, None], torch.tensor(labels)
+    )
 
 
 def batches(stream: TrainingStream, encoder: RowEncoder, batch_size: int, pad_id: int) -> Iterator[Batch]:

@@ -1,18 +1,19 @@
 """The ingress deployment: Ray Serve's gRPC proxy calls the method named like the RPC.
 
-It validates, tokenizes (tokenizer deployment), fixes request id and seed,
-enqueues durably in Redis, and streams text back through the detokenizer
-deployment. Everything after "accepted" survives the loss of this replica: the
-request lives in Redis.
+It authenticates, validates, tokenizes (tokenizer deployment), fixes request id
+and seed, applies the tenant's rate limits, enqueues durably in Redis, and
+streams text back through the detokenizer deployment. Everything after
+"accepted" survives the loss of this replica: the request lives in Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -20,8 +21,10 @@ import grpc
 from ray.serve.grpc_util import RayServegRPCContext
 
 from services.config import AppConfig
-from services.errors import ModelNotFoundError, TokenlineError
+from services.errors import ModelNotFoundError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
+from services.ingress.auth import Authenticator, Tenant
+from services.ingress.ratelimit import RateLimiter
 from services.ingress.status import RpcError, abort, rpc_error_for
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
 from services.proto.tokenline.v1 import generation_pb2 as pb
@@ -31,6 +34,17 @@ from services.tokenizer.service import Encoded, ModelInfo
 
 logger = logging.getLogger(__name__)
 
+ANONYMOUS = Tenant(name="anonymous", key_id="", models=(), requests_per_minute=0, tokens_per_minute=0)
+
+
+@contextlib.contextmanager
+def _status_on_error(grpc_context: RayServegRPCContext) -> Iterator[None]:
+    """Turn a typed error into the RPC's status code (INVALID_ARGUMENT, NOT_FOUND, ...)."""
+    try:
+        yield
+    except TokenlineError as error:
+        raise abort(grpc_context, rpc_error_for(error)) from error
+
 
 class IngressService:
     def __init__(
@@ -38,6 +52,8 @@ class IngressService:
     ) -> None:
         self._config = config
         self._queue = QueueClient(redis_url, config.queue)
+        self._auth = Authenticator(redis_url, config.queue.key_prefix, cache_ttl_s=config.auth.cache_ttl_s)
+        self._limits = RateLimiter(redis_url, config.queue.key_prefix)
         self._tokenizer = tokenizer  # DeploymentHandle[TokenizerService]
         self._detokenizer = detokenizer  # DeploymentHandle[DetokenizerService]
         self._engines = engines  # model name -> DeploymentHandle[EngineReplica]; deployed with us
@@ -73,28 +89,41 @@ class IngressService:
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
+    async def Resume(
+        self, request: pb.ResumeRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """The rest of an accepted request's stream, from token ``from_token``: for a client
+        whose stream broke (an ingress replica died, a connection dropped)."""
+        with _status_on_error(grpc_context):
+            stream = await self._queue.stream_request(request.request_id)
+            if stream is None:
+                raise RequestNotFoundError(request.request_id)
+            await self._authenticate(grpc_context, stream.model)
+        async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
+            yield convert.stream_response(delta)
+
     async def Tokenize(
         self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext
     ) -> pb.TokenizeResponse:
-        try:
-            model = await self._model_name(request.model)
+        with _status_on_error(grpc_context):
+            model = self._model_name(request.model)
+            await self._authenticate(grpc_context, model)
             encoded = await self._encode(model, convert.parse_prompt(request))
-        except TokenlineError as error:
-            raise abort(grpc_context, rpc_error_for(error)) from error
         return pb.TokenizeResponse(token_ids=encoded, count=len(encoded))
 
     async def Cancel(self, request: pb.CancelRequest, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
-        try:
-            model = await self._model_name(request.model)
+        with _status_on_error(grpc_context):
+            model = self._model_name(request.model)
+            await self._authenticate(grpc_context, model)
             found = await self._queue.cancel(model, request.request_id)
-        except TokenlineError as error:
-            raise abort(grpc_context, rpc_error_for(error)) from error
         return pb.CancelResponse(found=found)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
     ) -> pb.ListModelsResponse:
-        models = await self._model_infos()
+        with _status_on_error(grpc_context):
+            tenant = await self._authenticate(grpc_context, None)
+            models = await self._model_infos()
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -104,41 +133,56 @@ class IngressService:
                     is_default=m.is_default,
                 )
                 for m in models.values()
+                if tenant.allows(m.name)
             ]
         )
-
-    async def Resume(
-        self, request: pb.ResumeRequest, grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """The rest of an accepted request's stream, from token ``from_token``: for a client
-        whose stream broke (an ingress replica died, a connection dropped)."""
-        try:
-            stream = await self._queue.stream_request(request.request_id)
-        except TokenlineError as error:
-            raise abort(grpc_context, rpc_error_for(error)) from error
-        if stream is None:
-            raise abort(
-                grpc_context,
-                RpcError(
-                    grpc.StatusCode.NOT_FOUND, f"request_id: no request {request.request_id!r} is known"
-                ),
-            )
-        async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
-            yield convert.stream_response(delta)
 
     # ---- the path of one request ----------------------------------------------------------
     async def _generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[TextDelta]:
-        try:
-            accepted = await self._accept(request)
-        except TokenlineError as error:
-            raise abort(grpc_context, rpc_error_for(error)) from error
+        with _status_on_error(grpc_context):
+            accepted = await self._accept(request, grpc_context)
         stream = StreamRequest(
             accepted.request_id, accepted.model, len(accepted.prompt_token_ids), accepted.params.stop
         )
         async for delta in self._follow(stream, grpc_context):
             yield delta
+
+    async def _accept(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> GenerationRequest:
+        parsed = convert.parse_generate(request)
+        model = self._model_name(parsed.model)
+        tenant = await self._authenticate(grpc_context, model)
+        prompt_ids = await self._encode(model, parsed.prompt)
+        params = parsed.params
+        if not parsed.max_tokens_set:
+            room = (await self._model_infos())[model].max_context_length - len(prompt_ids)
+            params = params.with_max_tokens(max(1, min(self._default_max_tokens(model), room)))
+        if params.seed is None:
+            params = replace(params, seed=self._seeds.randint(0, MAX_SEED))
+        await self._limits.admit(tenant, len(prompt_ids) + params.max_tokens)
+        accepted = GenerationRequest(
+            request_id=parsed.request_id or uuid.uuid4().hex,
+            model=model,
+            prompt_token_ids=tuple(prompt_ids),
+            params=params,
+            priority=parsed.priority,
+            tenant=tenant.name,
+        )
+        result = await self._queue.enqueue(accepted)
+        logger.info(
+            "request accepted",
+            extra={
+                "request_id": accepted.request_id,
+                "model": model,
+                "tenant": tenant.name,
+                "prompt_tokens": len(prompt_ids),
+                "duplicate": result.duplicate,
+            },
+        )
+        return accepted
 
     async def _follow(
         self, stream: StreamRequest, grpc_context: RayServegRPCContext
@@ -148,45 +192,19 @@ class IngressService:
         try:
             async for delta in self._detokenizer.stream.options(stream=True).remote(stream):
                 if delta.error:
-                    raise abort(
-                        grpc_context, RpcError(grpc.StatusCode.ABORTED, f"request failed: {delta.error}")
-                    )
+                    error = RpcError(grpc.StatusCode.ABORTED, f"request failed: {delta.error}")
+                    raise abort(grpc_context, error)
                 finished = delta.finish_reason is not None
                 yield delta
         finally:
             if not finished:  # client went away, deadline passed or this replica is stopping
                 await asyncio.shield(self._queue.cancel(stream.model, stream.request_id))
 
-    async def _accept(self, request: pb.GenerateRequest) -> GenerationRequest:
-        parsed = convert.parse_generate(request)
-        model = await self._model_name(parsed.model)
-        prompt_ids = await self._encode(model, parsed.prompt)
-        info = (await self._model_infos())[model]
-        room = info.max_context_length - len(prompt_ids)
-        params = parsed.params
-        if not parsed.max_tokens_set:
-            default = self._config.model(model).default_max_tokens  # type: ignore[union-attr]
-            params = params.with_max_tokens(max(1, min(default, room)))
-        if params.seed is None:
-            params = replace(params, seed=self._seeds.randint(0, MAX_SEED))
-        accepted = GenerationRequest(
-            request_id=parsed.request_id or uuid.uuid4().hex,
-            model=model,
-            prompt_token_ids=tuple(prompt_ids),
-            params=params,
-            priority=parsed.priority,
-        )
-        result = await self._queue.enqueue(accepted)
-        logger.info(
-            "request accepted",
-            extra={
-                "request_id": accepted.request_id,
-                "model": model,
-                "prompt_tokens": len(prompt_ids),
-                "duplicate": result.duplicate,
-            },
-        )
-        return accepted
+    # ---- helpers --------------------------------------------------------------------------
+    async def _authenticate(self, grpc_context: RayServegRPCContext, model: str | None) -> Tenant:
+        if not self._config.auth.enabled:
+            return ANONYMOUS
+        return await self._auth.authenticate(grpc_context.invocation_metadata(), model)
 
     async def _encode(self, model: str, prompt: Prompt) -> list[int]:
         encoded: Encoded = await self._tokenizer.encode.remote((model, prompt))
@@ -194,11 +212,15 @@ class IngressService:
             raise encoded.error
         return list(encoded.token_ids)
 
-    async def _model_name(self, requested: str) -> str:
+    def _model_name(self, requested: str) -> str:
         config = self._config.model(requested)
         if config is None:
             raise ModelNotFoundError(requested)
         return config.name
+
+    def _default_max_tokens(self, model: str) -> int:
+        config = self._config.model(model)
+        return config.default_max_tokens if config is not None else 1
 
     async def _model_infos(self) -> dict[str, ModelInfo]:
         if not self._models:

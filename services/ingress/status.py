@@ -9,7 +9,15 @@ from __future__ import annotations
 import grpc
 from ray.serve.grpc_util import RayServegRPCContext
 
-from services.errors import InvalidParameterError, ModelNotFoundError, QueueFullError, TokenlineError
+from services.errors import (
+    InvalidParameterError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestNotFoundError,
+    TokenlineError,
+)
+from services.ingress.auth import AuthenticationError, PermissionDeniedError
+from services.ingress.ratelimit import RateLimitedError
 
 
 class RpcError(Exception):
@@ -29,12 +37,15 @@ def rpc_error_for(error: TokenlineError) -> RpcError:
         return RpcError(
             grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error.reason} (got {error.value!r})"
         )
-    if isinstance(error, ModelNotFoundError):
+    if isinstance(error, (ModelNotFoundError, RequestNotFoundError)):
         return RpcError(grpc.StatusCode.NOT_FOUND, str(error))
-    if isinstance(error, QueueFullError):
-        return RpcError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry-after-ms={round(error.retry_after_s * 1000)}"
-        )
+    if isinstance(error, AuthenticationError):
+        return RpcError(grpc.StatusCode.UNAUTHENTICATED, str(error))
+    if isinstance(error, PermissionDeniedError):
+        return RpcError(grpc.StatusCode.PERMISSION_DENIED, str(error))
+    if isinstance(error, (QueueFullError, RateLimitedError)):
+        retry_ms = round(error.retry_after_s * 1000)
+        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry-after-ms={retry_ms}")
     return RpcError(grpc.StatusCode.INTERNAL, str(error))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from services.errors import InvalidParameterError
 
 ENGINE_GROUP = "engines"
-_SHARED_NAMESPACES = frozenset({"out", "idem", "meta"})
+_SHARED_NAMESPACES = frozenset({"out", "idem", "meta", "auth", "ratelimit"})
 MAX_NAME_CHARS = 512
 
 
