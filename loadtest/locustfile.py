@@ -17,13 +17,15 @@ whose gRPC endpoint locust takes from ``--host HOST:PORT``::
         --users 16 --spawn-rate 16 --run-time 60s --stop-timeout 30 --only-summary \\
         --csv bench-results/locust
 
+The API key is ``TOKENLINE_API_KEY``, else the key ``tokenline serve`` wrote for
+the local user (as ``tokenline generate`` does), else none (``serve --no-auth``).
+
 ``--run-time`` bounds the test, ``--stop-timeout`` lets running streams finish
 (each call also has a deadline, ``TOKENLINE_TIMEOUT_S``), and ``--csv`` keeps the
 percentiles. Knobs, from the environment: ``TOKENLINE_MAX_TOKENS`` (default 32),
 ``TOKENLINE_IGNORE_EOS`` (default 1: every request produces ``max_tokens``
 tokens, so the load does not depend on what the model answers),
-``TOKENLINE_MODEL`` (default: the server's), ``TOKENLINE_API_KEY``,
-``TOKENLINE_TIMEOUT_S`` (default 120).
+``TOKENLINE_MODEL`` (default: the server's), ``TOKENLINE_TIMEOUT_S`` (default 120).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from locust.exception import LocustError
 
 from loadtest.pipeline_bench import demo_prompts
 from services.client import TokenlineClient
+from services.config import local_api_key_path
 from services.proto.tokenline.v1 import generation_pb2 as pb
 
 # Locust runs users as gevent greenlets: gRPC's blocking calls must yield to gevent.
@@ -48,9 +51,16 @@ grpc_gevent.init_gevent()
 MAX_TOKENS = int(os.environ.get("TOKENLINE_MAX_TOKENS", "32"))
 IGNORE_EOS = os.environ.get("TOKENLINE_IGNORE_EOS", "1") not in ("0", "false", "")
 MODEL = os.environ.get("TOKENLINE_MODEL", "")
-API_KEY = os.environ.get("TOKENLINE_API_KEY") or None
 TIMEOUT_S = float(os.environ.get("TOKENLINE_TIMEOUT_S", "120"))
 PROMPT_POOL = 512
+
+
+def api_key() -> str | None:
+    key = os.environ.get("TOKENLINE_API_KEY")
+    if key:
+        return key
+    path = local_api_key_path()
+    return path.read_text().strip() if path.exists() else None
 
 
 class StreamIncompleteError(Exception):
@@ -71,7 +81,7 @@ class GenerateStreamUser(User):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._client = TokenlineClient(grpc_target(self.host), API_KEY)
+        self._client = TokenlineClient(grpc_target(self.host), api_key())
         self._prompts = demo_prompts(PROMPT_POOL, seed=random.randrange(1 << 30))
 
     def on_stop(self) -> None:

@@ -521,10 +521,12 @@ class _StackLoad:
     """``concurrency`` threads on one gRPC channel, each streaming its next request as soon as
     its previous one ended; a token is stamped when the message carrying it arrives."""
 
-    def __init__(self, target: str, prompts: Sequence[str], output_tokens: int, tag: str) -> None:
+    def __init__(
+        self, target: str, api_key: str, prompts: Sequence[str], output_tokens: int, tag: str
+    ) -> None:
         from services.client import TokenlineClient
 
-        self._client = TokenlineClient(target)
+        self._client = TokenlineClient(target, api_key)
         self._prompts = prompts
         self._output_tokens = output_tokens
         self._tag = tag
@@ -572,9 +574,10 @@ class _StackLoad:
 
 
 def run_stack_load(
-    target: str, prompts: Sequence[str], output_tokens: int, concurrency: int, tag: str
+    target: str, api_key: str, prompts: Sequence[str], output_tokens: int, concurrency: int, tag: str
 ) -> list[RequestTrace]:
-    return _StackLoad(target, prompts, output_tokens, f"{tag}-{uuid.uuid4().hex[:6]}").run(concurrency)
+    tag = f"{tag}-{uuid.uuid4().hex[:6]}"  # request ids stay unique across runs on one Redis
+    return _StackLoad(target, api_key, prompts, output_tokens, tag).run(concurrency)
 
 
 def check_delivered(name: str, traces: Sequence[RequestTrace], output_tokens: int) -> None:
@@ -599,18 +602,28 @@ def stack_config(model_path: str, settings: EngineSettings) -> AppConfig:
     return AppConfig(models=(model,), grpc_port=free_port())
 
 
-def wait_ready(target: str, timeout_s: float = 180.0) -> None:
+def issue_api_key(config: AppConfig) -> str:
+    """A key for an unlimited tenant "bench": the stack runs with authentication on, as served."""
+    from services.ingress.auth import ApiKeyStore
+
+    with ApiKeyStore(config.redis_url, config.queue.key_prefix) as store:
+        key, _ = store.create("bench")
+    return key
+
+
+def wait_ready(target: str, api_key: str, timeout_s: float = 180.0) -> None:
     import grpc
 
     from services.proto.tokenline.v1 import generation_pb2 as pb
     from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout_s
+    metadata = (("authorization", f"Bearer {api_key}"),)
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         while True:
             try:
-                stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=metadata)
                 return
             except grpc.RpcError:
                 if time.monotonic() > deadline:
@@ -637,19 +650,20 @@ def _timed(call: Callable[..., object], *args: Any) -> float:
     return time.perf_counter() - begin
 
 
-def probe_rpcs(target: str, prompts: Sequence[str], samples: int) -> dict[str, list[float]]:
+def probe_rpcs(target: str, api_key: str, prompts: Sequence[str], samples: int) -> dict[str, list[float]]:
     """Round trips of Tokenize (proxy -> ingress -> tokenizer deployment and back) and of
-    ListModels (proxy -> ingress and back; the ingress answers from its cache)."""
+    ListModels (proxy -> ingress and back; the ingress answers from its caches)."""
     from services.client import TokenlineClient
     from services.proto.tokenline.v1 import generation_pb2 as pb
 
     tokenize = [pb.TokenizeRequest(text=prompts[i % len(prompts)]) for i in range(samples)]
     listing = pb.ListModelsRequest()
+    metadata = (("authorization", f"Bearer {api_key}"),)
     with TokenlineClient(target) as client:
         stub = client.stub
         return {
-            "tokenize_rpc": [_timed(stub.Tokenize, request, 10) for request in tokenize],
-            "grpc_roundtrip": [_timed(stub.ListModels, listing, 10) for _ in range(samples)],
+            "tokenize_rpc": [_timed(stub.Tokenize, request, 10, metadata) for request in tokenize],
+            "grpc_roundtrip": [_timed(stub.ListModels, listing, 10, metadata) for _ in range(samples)],
         }
 
 
@@ -823,14 +837,14 @@ def _run_stack_side(
     extra: dict[str, Any] = {"stack_engine_loop": {}, "cpu_during_stack_c16": {}}
     log("starting the stack: private Redis, local Ray, Serve gRPC, 1 engine replica")
     with running_stack(config) as running:
-        wait_ready(running.grpc_target)
-        run_stack_load(running.grpc_target, workload.texts[0], workload.output_tokens, HIGH, "warmup")
+        api_key = issue_api_key(running.config)
+        wait_ready(running.grpc_target, api_key)
+        target = running.grpc_target
+        run_stack_load(target, api_key, workload.texts[0], workload.output_tokens, HIGH, "warmup")
         for c in CONCURRENCIES:
             log(f"stack: {len(workload.texts[c])} requests at concurrency {c}")
             steps_before, cpu_before = engine_steps(config.app_name), cpu_by_process(os.getpid())
-            traces = run_stack_load(
-                running.grpc_target, workload.texts[c], workload.output_tokens, c, f"c{c}"
-            )
+            traces = run_stack_load(target, api_key, workload.texts[c], workload.output_tokens, c, f"c{c}")
             steps_after, cpu_after = engine_steps(config.app_name), cpu_by_process(os.getpid())
             side.record("stack", c, traces, workload.output_tokens, log)
             if c != HIGH:
@@ -848,7 +862,7 @@ def _run_stack_side(
                 }
         log(f"stage probes: {probe_samples} samples each")
         texts = [text for group in workload.texts.values() for text in group]
-        samples = probe_rpcs(running.grpc_target, texts, probe_samples)
+        samples = probe_rpcs(target, api_key, texts, probe_samples)
         samples.update(probe_queue(running.config.redis_url, running.config.queue, probe_samples))
     return side, samples, extra
 

@@ -68,6 +68,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             app_config.redis_url,
             app_config.queue,
             model.engine.num_threads,
+            model.engine_stall_after_s,
         )
         for model in app_config.models
     }

@@ -65,6 +65,9 @@ class ModelConfig(BaseModel):
     default_max_tokens: int = Field(
         default=256, ge=1, description="max_tokens when a request leaves it unset."
     )
+    engine_stall_after_s: float = Field(
+        default=30.0, gt=0.0, description="An engine loop without progress this long fails its health check."
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 

@@ -51,6 +51,7 @@ def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: 
                 name=MODEL_NAME,
                 path=model_path,
                 engine_replicas=engine_replicas,
+                engine_stall_after_s=3.0,
                 engine=EngineSettings(kv_cache_memory_gib=0.25, max_num_seqs=16, max_num_batched_tokens=256),
             ),
         ),

@@ -86,6 +86,7 @@ def build_demo_model(
             say("cached demo model found; not rebuilding")
             return target
         _refuse_foreign_directory(target)
+        _remove_leftovers_of_dead_builds(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             staging.chmod(0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
@@ -179,6 +180,14 @@ def _refuse_foreign_directory(target: Path) -> None:
         raise InvalidParameterError(
             "out_dir", str(target), f"holds files that are not part of a demo model: {foreign[:5]}"
         )
+
+
+def _remove_leftovers_of_dead_builds(target: Path) -> None:
+    # Called under the build lock: a live build of this target would hold it, so any
+    # staging or retired directory still here belongs to a build that was killed.
+    for pattern in (f".{target.name}.partial-*", f".{target.name}.retired-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _install(staging: Path, target: Path) -> None:

@@ -1,0 +1,187 @@
+"""Faults and access control on the real stack: processes killed with SIGKILL, a stuck
+engine loop, client disconnects, keys and quotas. See the README's promise table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from ray import serve
+from ray.util.state import list_actors
+
+from services.client import TokenlineClient
+from services.ingress.auth import ApiKeyStore
+from services.proto.tokenline.v1 import generation_pb2 as pb
+from tests.serving_stack import MODEL_NAME, Stack
+
+PROMPTS = ["12+35=", "40+7=", "Count: 3 4 5", "25+61="]
+
+
+def request(prompt: str, request_id: str = "", max_tokens: int = 40) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
+
+
+def token_ids(messages: Iterator[pb.GenerateStreamResponse]) -> list[int]:
+    ids: list[int] = []
+    for message in messages:
+        assert message.token_index == len(ids), "a gap or a duplicate in the token stream"
+        ids.extend(message.token_ids)
+    return ids
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def alive_pids(deployment: str) -> list[int]:
+    actors = list_actors(
+        filters=[("class_name", "=", f"ServeReplica:tokenline:{deployment}"), ("state", "=", "ALIVE")]
+    )
+    return [int(a.pid) for a in actors]
+
+
+# ---- access control ---------------------------------------------------------------------
+def rpcs(client: TokenlineClient) -> dict[str, Callable[[], object]]:
+    return {
+        "Generate": lambda: client.generate(request("1+2=", max_tokens=2)),
+        "GenerateStream": lambda: token_ids(client.stream(request("1+2=", max_tokens=2))),
+        "Tokenize": lambda: client.tokenize(pb.TokenizeRequest(text="1+2=")),
+        "Cancel": lambda: client.cancel("nobody"),
+        "ListModels": lambda: client.list_models(),
+        "Resume": lambda: token_ids(client.resume("nobody", 0)),
+    }
+
+
+@pytest.mark.parametrize("key", [None, "tl_not-a-real-key", "garbage"])
+def test_missing_or_wrong_key_is_unauthenticated_on_every_rpc(stack: Stack, key: str | None) -> None:
+    with TokenlineClient(stack.target, key) as client:
+        for name, call in rpcs(client).items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+
+
+def test_model_the_tenant_may_not_use_is_permission_denied(stack: Stack) -> None:
+    with ApiKeyStore(stack.config.redis_url, stack.config.queue.key_prefix) as keys:
+        key, _ = keys.create("elsewhere", models=("another-model",))
+    with TokenlineClient(stack.target, key) as client:
+        for name, call in rpcs(client).items():
+            if name in ("ListModels", "Resume"):
+                continue  # ListModels lists what the tenant may use; Resume of an unknown id is NOT_FOUND
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        assert client.list_models() == []
+
+
+def test_revoked_key_stops_working(stack: Stack) -> None:
+    with ApiKeyStore(stack.config.redis_url, stack.config.queue.key_prefix) as keys:
+        key, record = keys.create("short-lived")
+        with TokenlineClient(stack.target, key) as client:
+            assert client.list_models()
+            assert keys.revoke(record.key_id)
+            time.sleep(stack.config.auth.cache_ttl_s + 0.5)
+            with pytest.raises(grpc.RpcError) as caught:
+                client.list_models()
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tenant_over_quota_is_refused_while_others_succeed(stack: Stack) -> None:
+    with ApiKeyStore(stack.config.redis_url, stack.config.queue.key_prefix) as keys:
+        greedy_key, _ = keys.create("greedy", rpm=3)
+    codes = []
+    with (
+        TokenlineClient(stack.target, greedy_key) as greedy,
+        TokenlineClient(stack.target, stack.api_key) as fair,
+    ):
+        for _ in range(6):
+            try:
+                greedy.generate(request("1+2=", max_tokens=2))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+                assert "retry-after-ms=" in (error.details() or "")
+            assert fair.generate(request("1+2=", max_tokens=2)).token_ids  # the other tenant: 100% success
+    assert codes[:3] == [grpc.StatusCode.OK] * 3
+    assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+
+
+# ---- faults -----------------------------------------------------------------------------
+def test_client_disconnect_stops_the_sequence_within_a_second(stack: Stack) -> None:
+    with TokenlineClient(stack.target, stack.api_key) as client:
+        stream = client.stream(request("1+2=", request_id="walk-away", max_tokens=2000))
+        next(stream)
+        stream.cancel()  # type: ignore[attr-defined]
+    started = time.monotonic()
+    wait_until(
+        lambda: not any(s.running for s in stack.engine_statuses(2).values()),
+        1.0,
+        "the engine to drop the sequence",
+    )
+    assert time.monotonic() - started < 1.0
+
+
+def test_ingress_killed_mid_stream_client_resumes_exactly_the_rest(stack: Stack) -> None:
+    with TokenlineClient(stack.target, stack.api_key) as client:
+        expected = token_ids(client.stream(request("Count: 3 4 5", max_tokens=60)))
+        stream = client.stream(request("Count: 3 4 5", request_id="survivor", max_tokens=60))
+        received: list[int] = []
+        for message in stream:
+            received.extend(message.token_ids)
+            if len(received) >= 5:
+                break
+        (ingress_pid,) = alive_pids("ingress")
+        os.kill(ingress_pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError):
+            for message in stream:
+                received.extend(message.token_ids)
+        rest: list[int] = []
+        deadline = time.monotonic() + 90
+        while True:  # the proxy answers UNAVAILABLE until Serve has started a new ingress
+            try:
+                rest = []
+                for message in client.resume("survivor", len(received)):
+                    assert message.token_index == len(received) + len(rest)
+                    rest.extend(message.token_ids)
+                break
+            except grpc.RpcError as error:
+                assert time.monotonic() < deadline, f"resume kept failing: {error.code()}"
+                time.sleep(1)
+    assert received + rest == expected
+
+
+def test_stuck_engine_loop_fails_health_and_its_requests_complete(stack: Stack) -> None:
+    def one(i: int) -> list[int]:
+        with TokenlineClient(stack.target, stack.api_key) as c:
+            return token_ids(c.stream(request(PROMPTS[i % 4], max_tokens=60)))
+
+    handle = serve.get_deployment_handle(f"engine-{MODEL_NAME}", app_name=stack.config.app_name)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        baseline = list(pool.map(one, range(8)))
+        running = [pool.submit(one, i) for i in range(8)]
+        handle.pause_loop.remote().result(timeout_s=10)
+        frozen: list[int] = []
+        wait_until(
+            lambda: bool(
+                frozen.extend(
+                    pid for pid, s in stack.engine_statuses(2).items() if s.seconds_since_progress > 1
+                )
+                or frozen
+            ),
+            10,
+            "a replica to freeze",
+        )
+        results = [future.result(timeout=120) for future in running]
+    assert results == baseline, "the frozen replica's requests must be reclaimed and finish unchanged"
+    # Its health check fails and Serve replaces it with a replica that makes progress.
+    wait_until(lambda: frozen[0] not in alive_pids(f"engine-{MODEL_NAME}"), 120, "Serve to replace it")
+    wait_until(lambda: len(stack.engine_statuses(2)) == 2, 120, "two live engine replicas")
