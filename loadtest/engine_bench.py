@@ -42,7 +42,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """Everything one run depends on; ``quick`` changes only the number of requests."""
+    """Everything one run depends on; ``quick`` changes only how many requests and decode steps."""
 
     workload: WorkloadSpec
     throughput_model: ModelShape
@@ -57,22 +57,35 @@ class BenchPlan:
 
 
 def plan_for(quick: bool) -> BenchPlan:
-    # B=16: on 2 CPU cores a 16-row decode step already amortises the weight reads
-    # well, and 16 keeps the quick run (16 requests) inside its time box.
-    # Token budget 512: one prefill chunk of up to ~500 tokens plus the running
-    # decodes per step -- big enough for efficient matmuls, small enough that
-    # decodes are not stalled for long behind a prefill.
+    """The plan behind `tokenline bench engine [--quick]`.
+
+    B=32: on CPU a decode step's matmuls only reach decent efficiency with a few
+    dozen rows, and 32 concurrent requests is a realistic serving batch.
+    Token budget 512: one prefill chunk of up to ~500 tokens plus the running
+    decodes per step -- big enough for efficient matmuls, small enough that
+    decodes are not stalled for long behind a prefill. The quick run is one
+    batch-worth of requests (32), the full run two (64).
+
+    One intra-op thread for every contender: the 2 cores are shared with other
+    processes, and a 2-thread OpenMP team then stalls at every parallel region
+    until the descheduled thread runs again (measured here: a 16x512 by 512x2816
+    matmul took 15 ms with 2 threads vs 1.3 ms with 1). ``transformers``' continuous
+    batching runs its model in a background Python thread, which torch does not
+    parallelise the same way, so leaving the default would also hand that
+    contender a different threading model from the other two.
+    """
     return BenchPlan(
         workload=WorkloadSpec(
-            num_requests=16 if quick else 64, prompt_len_range=(16, 512), output_len_range=(16, 256), seed=0
+            num_requests=32 if quick else 64, prompt_len_range=(16, 512), output_len_range=(16, 256), seed=0
         ),
         throughput_model=THROUGHPUT_MODEL,
         decode_model=DECODE_MODEL,
-        engine=EngineSettings(max_batch_size=16, max_num_batched_tokens=512, kv_cache_memory_gib=1.0),
+        engine=EngineSettings(max_batch_size=32, max_num_batched_tokens=512, kv_cache_memory_gib=1.0),
         decode_prompt_len=16,
         decode_steps=64 if quick else 128,
         bandwidth_buffer_bytes=256 << 20,
         quick=quick,
+        torch_threads=1,
     )
 
 
@@ -165,7 +178,7 @@ def _run_contenders(
     return results
 
 
-def _run_roofline(plan: BenchPlan, model: BenchModel, log: Log) -> dict[str, float | int]:
+def _run_roofline(plan: BenchPlan, model: BenchModel, log: Log) -> dict[str, float | int | list[float]]:
     settings = EngineSettings(
         max_batch_size=1,
         max_num_batched_tokens=max(plan.decode_prompt_len, 64),

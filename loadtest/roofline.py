@@ -21,6 +21,7 @@ shared machine only ever make a repetition slower.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,36 +73,49 @@ def measure_bandwidth(buffer_bytes: int = 256 << 20, repetitions: int = 8) -> Ba
 
 @dataclass(frozen=True)
 class DecodeMeasurement:
-    tok_s: float
+    tok_s: float  # best repetition, comparable with the best-of bandwidth
+    median_tok_s: float
+    tok_s_per_repetition: tuple[float, ...]
     decode_steps: int
     prompt_len: int
 
 
 def measure_decode_b1(
-    engine: Engine, prompt_len: int, decode_steps: int, vocab_size: int
+    engine: Engine, prompt_len: int, decode_steps: int, vocab_size: int, repetitions: int = 3
 ) -> DecodeMeasurement:
-    """Decode tokens/s of one request alone, prefill excluded.
+    """Decode tokens/s of one request alone, prefill excluded, best of ``repetitions``.
 
-    The first ``step`` prefills the prompt and samples the first token; the clock
-    starts after it, so only the ``decode_steps`` one-token steps are timed.
+    In each repetition the first ``step`` prefills the prompt and samples the first
+    token; the clock starts after it, so only the ``decode_steps`` one-token steps
+    are timed.
     """
     prompt = [3 + (i * 7919) % (vocab_size - 3) for i in range(prompt_len)]
     engine.generate([prompt], greedy_params(4))  # warm-up, untimed
-    engine.add_request("decode-b1", prompt, greedy_params(decode_steps + 1))
-    engine.step()
-    tokens = 0
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        tokens += len(engine.step())
-    wall = time.perf_counter() - start
-    if tokens != decode_steps:
-        raise AssertionError(f"batch-1 decode produced {tokens} tokens, expected {decode_steps}")
-    return DecodeMeasurement(tok_s=tokens / wall, decode_steps=tokens, prompt_len=prompt_len)
+    rates = []
+    for repetition in range(repetitions):
+        engine.add_request(f"decode-b1-{repetition}", prompt, greedy_params(decode_steps + 1))
+        engine.step()
+        tokens = 0
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            tokens += len(engine.step())
+        wall = time.perf_counter() - start
+        if tokens != decode_steps:
+            raise AssertionError(f"batch-1 decode produced {tokens} tokens, expected {decode_steps}")
+        rates.append(tokens / wall)
+    return DecodeMeasurement(
+        tok_s=max(rates),
+        median_tok_s=statistics.median(rates),
+        tok_s_per_repetition=tuple(rates),
+        decode_steps=decode_steps,
+        prompt_len=prompt_len,
+    )
 
 
 @dataclass(frozen=True)
 class RooflineReport:
     decode_b1_tok_s: float
+    decode_b1_tok_s_per_repetition: tuple[float, ...]
     copy_bandwidth_gb_s: float
     read_bandwidth_gb_s: float
     weight_bytes_per_step: int
@@ -118,9 +132,10 @@ class RooflineReport:
     def ratio(self) -> float:
         return self.decode_b1_tok_s / self.roofline_tok_s
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | list[float]]:
         return {
             "decode_b1_tok_s": self.decode_b1_tok_s,
+            "decode_b1_tok_s_per_repetition": list(self.decode_b1_tok_s_per_repetition),
             "copy_bandwidth_gb_s": self.copy_bandwidth_gb_s,
             "decode_b1_weight_bytes_per_step": self.weight_bytes_per_step,
             "decode_b1_roofline_tok_s": self.roofline_tok_s,
@@ -141,6 +156,7 @@ def roofline_report(
     """
     return RooflineReport(
         decode_b1_tok_s=decode.tok_s,
+        decode_b1_tok_s_per_repetition=decode.tok_s_per_repetition,
         copy_bandwidth_gb_s=bandwidth.copy_gb_s,
         read_bandwidth_gb_s=bandwidth.read_gb_s,
         weight_bytes_per_step=model.decode_weight_bytes,

@@ -17,7 +17,7 @@ from typing import TypeVar
 import redis
 
 from services.errors import InvalidParameterError, TokenlineError
-from services.ingress.auth import ApiKeyStore, KeyRecord
+from services.ingress.api_keys import ApiKeyStore, KeyRecord
 
 T = TypeVar("T")
 

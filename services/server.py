@@ -15,7 +15,7 @@ from ray.serve.config import gRPCOptions
 
 from services.app import GRPC_SERVICER_FUNCTION, build_app
 from services.config import AppConfig, local_api_key_path
-from services.ingress.auth import ApiKeyStore
+from services.ingress.api_keys import ApiKeyStore
 from services.queue import RedisServer
 
 logger = logging.getLogger(__name__)

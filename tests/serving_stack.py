@@ -11,7 +11,7 @@ from ray import serve
 
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.engine.replica import ReplicaStatus
-from services.ingress.auth import ApiKeyStore
+from services.ingress.api_keys import ApiKeyStore
 from services.queue import QueueConfig
 from services.server import running_stack
 

@@ -16,15 +16,8 @@ from hypothesis import strategies as st
 
 from services.cli_keys import main as keys_main
 from services.errors import InvalidParameterError
-from services.ingress.auth import (
-    ApiKeyStore,
-    AuthenticationError,
-    Authenticator,
-    PermissionDeniedError,
-    Tenant,
-    bearer_key,
-    hash_key,
-)
+from services.ingress.api_keys import ApiKeyStore, Tenant, hash_key
+from services.ingress.auth import AuthenticationError, Authenticator, PermissionDeniedError, bearer_key
 
 T = TypeVar("T")
 

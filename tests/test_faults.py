@@ -15,7 +15,7 @@ from ray import serve
 from ray.util.state import list_actors
 
 from services.client import TokenlineClient
-from services.ingress.auth import ApiKeyStore
+from services.ingress.api_keys import ApiKeyStore
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from tests.serving_stack import MODEL_NAME, Stack
 

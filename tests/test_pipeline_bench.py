@@ -61,6 +61,7 @@ def test_summarize_throughput_and_latency() -> None:
     # gaps: 100, 100 (first) and 0, 0 (one message of three tokens)
     assert summary["itl_p50_ms"] == pytest.approx(50.0)
     assert summary["itl_mean_ms"] == pytest.approx(50.0)
+    assert summary["tpot_p50_ms"] == pytest.approx(50.0)  # 100 ms per token, and 0 ms per token
     with pytest.raises(ValueError):
         pb.summarize([trace(0.0, 0.1)])
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from services.errors import InvalidParameterError
-from services.ingress.auth import Tenant
+from services.ingress.api_keys import Tenant
 from services.ingress.ratelimit import RateLimitedError, RateLimiter, RequestExceedsQuotaError
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from services.errors import InvalidParameterError, TokenlineError
-from services.ingress.auth import Tenant, check_key_prefix
+from services.ingress.api_keys import Tenant, check_key_prefix
 
 logger = logging.getLogger(__name__)
 

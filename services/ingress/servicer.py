@@ -23,7 +23,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 from services.config import AppConfig
 from services.errors import ModelNotFoundError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
-from services.ingress.auth import Authenticator, Tenant
+from services.ingress.api_keys import Tenant
+from services.ingress.auth import Authenticator
 from services.ingress.ratelimit import RateLimiter
 from services.ingress.status import RpcError, abort, rpc_error_for
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
