@@ -16,7 +16,8 @@ read stream (decode's pattern) can reach. So we also report a read-only
 bandwidth measured with a large matrix-vector product -- exactly decode's access
 pattern -- and the ratio against it, the stricter of the two. Best of several
 repetitions: a roofline is what the machine can do, and other processes on a
-shared machine only ever make a repetition slower.
+shared machine only ever make a repetition slower. Both bandwidths use the
+run's torch thread count, the same the engine decodes with.
 """
 
 from __future__ import annotations

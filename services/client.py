@@ -46,6 +46,30 @@ class TokenlineClient:
         )
         return response
 
+    def tokenize(self, request: pb.TokenizeRequest, timeout_s: float = 30.0) -> pb.TokenizeResponse:
+        response: pb.TokenizeResponse = self.stub.Tokenize(request, timeout=timeout_s, metadata=self._metadata)
+        return response
+
+    def cancel(self, request_id: str, model: str = "", timeout_s: float = 30.0) -> bool:
+        request = pb.CancelRequest(request_id=request_id, model=model)
+        response: pb.CancelResponse = self.stub.Cancel(request, timeout=timeout_s, metadata=self._metadata)
+        return response.found
+
+    def list_models(self, timeout_s: float = 30.0) -> list[pb.ModelInfo]:
+        response: pb.ListModelsResponse = self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=timeout_s, metadata=self._metadata
+        )
+        return list(response.models)
+
+    def resume(
+        self, request_id: str, from_token: int, timeout_s: float = 120.0
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        request = pb.ResumeRequest(request_id=request_id, from_token=from_token)
+        responses: Iterator[pb.GenerateStreamResponse] = self.stub.Resume(
+            request, timeout=timeout_s, metadata=self._metadata
+        )
+        return responses
+
     def stream(
         self, request: pb.GenerateRequest, timeout_s: float = 120.0
     ) -> Iterator[pb.GenerateStreamResponse]:

@@ -61,7 +61,7 @@ class Harness:
     def __init__(self, loaded: Loaded, seed: int = 0) -> None:
         self.loaded = loaded
         spec = loaded.spec
-        shape = (NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_kv_heads, NUM_BLOCKS, BLOCK_SIZE, spec.head_dim)  # the engine's head-major layout
         generator = torch.Generator().manual_seed(seed)
 
         # Large finite garbage: reading an unwritten or masked slot ruins parity instead of passing unseen.

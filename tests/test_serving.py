@@ -51,13 +51,15 @@ def request(
 
 
 def collect(
-    messages: Iterator[pb.GenerateStreamResponse],
+    messages: Iterator[pb.GenerateStreamResponse], start: int = 0
 ) -> tuple[str, list[int], pb.GenerateStreamResponse]:
-    """Concatenate a stream, checking that token indices are contiguous: no gap, no duplicate."""
-    text, ids = [], []
+    """Concatenate a stream from token ``start``, checking that token indices are contiguous:
+    no gap, no duplicate."""
+    text: list[str] = []
+    ids: list[int] = []
     last = pb.GenerateStreamResponse()
     for message in messages:
-        assert message.token_index == len(ids), "a gap or a duplicate in the token stream"
+        assert message.token_index == start + len(ids), "a gap or a duplicate in the token stream"
         text.append(message.text)
         ids.extend(message.token_ids)
         last = message
@@ -133,14 +135,14 @@ def test_list_models(client: TokenlineClient) -> None:
 
 def test_cancel_frees_engine_capacity_within_a_second(stack: Stack, client: TokenlineClient) -> None:
     stream = client.stream(request("1+2=", max_tokens=2000, ignore_eos=True, request_id="cancel-me"))
-    next(stream)
+    first = next(stream)
     assert any("cancel-me" in s.held_request_ids for s in stack.engine_statuses(2).values())
     assert client.cancel("cancel-me")
     started = time.monotonic()
     while any(s.running for s in stack.engine_statuses(2).values()):
         assert time.monotonic() - started < 1.0, "engine still runs the cancelled request"
         time.sleep(0.05)
-    _, _, last = collect(stream)
+    _, _, last = collect(stream, start=len(first.token_ids))
     assert last.finish_reason == pb.FINISH_REASON_ABORT
 
 

@@ -13,17 +13,27 @@ from services.demo.build import (
     is_complete_demo_model,
     read_metadata,
 )
-from services.demo.evaluate import DemoEvaluation, TaskAccuracy, evaluate_demo_model
+from services.demo.evaluate import (
+    DemoEvaluation,
+    GreedyGenerator,
+    TaskAccuracy,
+    evaluate_demo_model,
+    greedy_generate,
+    score_demo_tasks,
+)
 from services.demo.train import DEFAULT_RECIPE, DemoModelRecipe
 
 __all__ = [
     "DEFAULT_RECIPE",
     "DemoEvaluation",
     "DemoModelRecipe",
+    "GreedyGenerator",
     "TaskAccuracy",
     "build_demo_model",
     "default_demo_model_dir",
     "evaluate_demo_model",
+    "greedy_generate",
     "is_complete_demo_model",
     "read_metadata",
+    "score_demo_tasks",
 ]

@@ -80,10 +80,13 @@ def build_demo_model(
         raise InvalidParameterError("seed", seed, "must be an integer >= 0")
     target = Path(out_dir if out_dir is not None else default_demo_model_dir(seed)).expanduser().absolute()
     say = _Progress(log, target)
+    if not force and is_complete_demo_model(target, seed=seed, recipe=recipe):
+        say("cached demo model found; not rebuilding")  # no lock needed: works on a read-only cache
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target):
+    with _exclusive(target, say):
         if not force and is_complete_demo_model(target, seed=seed, recipe=recipe):
-            say("cached demo model found; not rebuilding")
+            say("another process built the demo model meanwhile; not rebuilding")
             return target
         _refuse_foreign_directory(target)
         _remove_leftovers_of_dead_builds(target)
@@ -202,10 +205,14 @@ def _install(staging: Path, target: Path) -> None:
 
 
 @contextmanager
-def _exclusive(target: Path) -> Iterator[None]:
+def _exclusive(target: Path, say: _Progress) -> Iterator[None]:
     lock_path = target.parent / f".{target.name}.lock"
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another process is building this demo model; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:

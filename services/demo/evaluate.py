@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,16 +80,33 @@ class _EvalSet:
     chance: float
 
 
+GreedyGenerator = Callable[[list[list[int]], int], list[list[int]]]
+"""``(prompts, max_new_tokens) -> continuations``: greedy, each ending with EOS when the model wrote it."""
+
+
 def evaluate_demo_model(path: Path, *, num_examples: int = 200) -> DemoEvaluation:
     """Score the checkpoint at ``path`` on up to ``num_examples`` examples per task."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise InvalidParameterError("num_examples", num_examples, "must be an integer >= 1")
     if not (Path(path) / "config.json").is_file():
         raise InvalidParameterError("path", str(path), "is not a checkpoint directory (no config.json)")
     tokenizer = load_tokenizer(Path(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     model.train(False)
-    results = tuple(_score(model, tokenizer, eval_set) for eval_set in _eval_sets(num_examples))
+    eos_token_id = tokenizer.eos_token_id
+
+    def generate(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return greedy_generate(model, prompts, eos_token_id=eos_token_id, max_new_tokens=max_new_tokens)
+
+    return score_demo_tasks(generate, tokenizer, num_examples=num_examples)
+
+
+def score_demo_tasks(
+    generate: GreedyGenerator, tokenizer: PreTrainedTokenizerBase, *, num_examples: int = 200
+) -> DemoEvaluation:
+    """Score any greedy generator (a quantized replica, another engine) on the demo tasks,
+    up to ``num_examples`` examples per task; ``tokenizer`` is the demo checkpoint's."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise InvalidParameterError("num_examples", num_examples, "must be an integer >= 1")
+    results = tuple(_score(generate, tokenizer, eval_set) for eval_set in _eval_sets(num_examples))
     held_out = [r for r in results if r.held_out]
     total = sum(r.total for r in held_out)
     return DemoEvaluation(
@@ -120,11 +138,9 @@ def _eval_sets(num_examples: int) -> tuple[_EvalSet, ...]:
     )
 
 
-def _score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_set: _EvalSet) -> TaskAccuracy:
+def _score(generate: GreedyGenerator, tokenizer: PreTrainedTokenizerBase, eval_set: _EvalSet) -> TaskAccuracy:
     prompts = [_prompt_ids(tokenizer, example, eval_set.as_chat) for example in eval_set.examples]
-    outputs = greedy_generate(
-        model, prompts, eos_token_id=tokenizer.eos_token_id, max_new_tokens=_MAX_NEW_TOKENS
-    )
+    outputs = generate(prompts, _MAX_NEW_TOKENS)
     correct = 0
     for example, output in zip(eval_set.examples, outputs, strict=True):
         expected = example.answer.strip() if eval_set.as_chat else example.answer

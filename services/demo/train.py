@@ -1,8 +1,8 @@
 """The training loop of the demo model: a small Llama trained with plain AdamW.
 
 Training stops after a fixed number of steps, never by wall clock, so that a seed
-fixes every weight. Rows are padded per batch; only the answer (and its EOS) is
-scored for task rows, every token for prose rows.
+fixes every weight. Rows are packed several to a sequence, each attending only to
+itself; only the answer (and its EOS) is scored for task rows, every token for prose.
 """
 
 from __future__ import annotations

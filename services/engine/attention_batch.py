@@ -3,8 +3,10 @@
 One engine step runs a flat batch of ``T`` new tokens. Decode tokens come
 first (one per decoding sequence), then the prefill chunks, each contiguous.
 The KV cache of every layer is a pair of tensors of shape
-``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's *slot* is
-``block_id * block_size + offset``.
+``[num_kv_heads, num_blocks, block_size, head_dim]``; a token's *slot* is
+``block_id * block_size + offset``, its index along the flattened middle two
+dimensions. Heads come first so that gathering a sequence's blocks leaves each
+head's context contiguous, ready for attention to read without another copy.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model, self.spec = load_model(config.model, self.device, self.dtype)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gib)
-        shape = (self.num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        # Head-major (see attention_batch): a gathered context is contiguous per kv head.
+        shape = (self.spec.num_kv_heads, self.num_blocks, self.block_size, self.spec.head_dim)
         self.kv_caches: list[KVCache] = [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
