@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psutil
 import pytest
 from ray import serve
-from ray.util.state import list_actors
 
 from services.client import TokenlineClient
 from services.ingress.api_keys import ApiKeyStore
@@ -43,10 +43,14 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 def alive_pids(deployment: str) -> list[int]:
-    actors = list_actors(
-        filters=[("class_name", "=", f"ServeReplica:tokenline:{deployment}"), ("state", "=", "ALIVE")]
-    )
-    return [int(a.pid) for a in actors]
+    """PIDs of the live replicas of a deployment: Ray titles each replica process after it."""
+    title = f"ServeReplica:tokenline:{deployment}"
+    pids = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if title in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            pids.append(process.pid)
+    return pids
 
 
 # ---- access control ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from services.config import AppConfig
 from services.errors import ModelNotFoundError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
-from services.ingress.auth import Authenticator
+from services.ingress.auth import Authenticator, PermissionDeniedError
 from services.ingress.ratelimit import RateLimiter
 from services.ingress.status import RpcError, abort, rpc_error_for
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
@@ -96,10 +96,12 @@ class IngressService:
         """The rest of an accepted request's stream, from token ``from_token``: for a client
         whose stream broke (an ingress replica died, a connection dropped)."""
         with _status_on_error(grpc_context):
+            tenant = await self._authenticate(grpc_context, None)  # before the lookup: no probing of ids
             stream = await self._queue.stream_request(request.request_id)
             if stream is None:
                 raise RequestNotFoundError(request.request_id)
-            await self._authenticate(grpc_context, stream.model)
+            if not tenant.allows(stream.model):
+                raise PermissionDeniedError(tenant.name, stream.model)
         async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
             yield convert.stream_response(delta)
 
