@@ -36,6 +36,10 @@ class DetokenizerService:
         cursor = OutputCursor(request.request_id)
         while not cursor.finished:
             chunks, cursor = await self._queue.read(cursor, block_ms=READ_BLOCK_MS)
+            # Everything that arrived since the last read goes out as one delta: under load a
+            # stream falls behind by a few steps, and one message per token would then cost
+            # more than the engine step that made it. At light load each read holds one chunk.
+            deltas: list[TextDelta] = []
             for chunk in chunks:
                 seen, new = _split(chunk, request.from_token)
                 if seen is not None:
@@ -45,10 +49,14 @@ class DetokenizerService:
                 delta = follower.push(new)
                 if delta.matched_stop:
                     await self._queue.cancel(request.model, request.request_id)
-                    yield replace(delta, usage=Usage(request.num_prompt_tokens, new.end_index, 0))
-                    return
-                yield delta
-                if delta.finish_reason is not None:
+                    usage = Usage(request.num_prompt_tokens, new.end_index, 0)
+                    deltas.append(replace(delta, usage=usage))
+                    break
+                deltas.append(delta)
+            if deltas:
+                merged = _merge(deltas)
+                yield merged
+                if merged.finish_reason is not None:
                     return
 
 
@@ -99,3 +107,17 @@ def _split(chunk: TokenChunk, from_token: int) -> tuple[TokenChunk | None, Token
         logprobs=chunk.logprobs[cut:],
     )
     return seen, rest
+
+
+def _merge(deltas: list[TextDelta]) -> TextDelta:
+    """Consecutive deltas of one request as one; the last one's ending wins."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    return replace(
+        last,
+        text="".join(d.text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        token_index=deltas[0].token_index,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+    )
