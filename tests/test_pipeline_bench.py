@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import pipeline_bench as pb
+from loadtest.pipeline_plan import CONCURRENCIES, Workload, demo_prompts, output_budget, plan_for
+from loadtest.pipeline_report import HEADLINE_KEYS, STAGES, assemble, format_table
+from loadtest.proc_cpu import cpu_delta, process_label
 from loadtest.report import write_json
+from loadtest.stats import RequestTrace, percentile, summarize, token_agreement
 
 
-def trace(start: float, *times: float, per_message: int = 1) -> pb.RequestTrace:
-    out = pb.RequestTrace(start=start)
+def trace(start: float, *times: float, per_message: int = 1) -> RequestTrace:
+    out = RequestTrace(start=start)
     for index in range(0, len(times), per_message):
         group = times[index : index + per_message]
         out.add(group[0], [7] * len(group))
@@ -26,15 +29,15 @@ def trace(start: float, *times: float, per_message: int = 1) -> pb.RequestTrace:
 
 def test_percentile_matches_numpy_linear() -> None:
     values = [4.0, 1.0, 3.0, 2.0]
-    assert pb.percentile(values, 0) == 1.0
-    assert pb.percentile(values, 100) == 4.0
-    assert pb.percentile(values, 50) == pytest.approx(2.5)
-    assert pb.percentile(values, 99) == pytest.approx(3.97)
-    assert pb.percentile([5.0], 99) == 5.0
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == pytest.approx(2.5)
+    assert percentile(values, 99) == pytest.approx(3.97)
+    assert percentile([5.0], 99) == 5.0
     with pytest.raises(ValueError):
-        pb.percentile([], 50)
+        percentile([], 50)
     with pytest.raises(ValueError):
-        pb.percentile(values, 101)
+        percentile(values, 101)
 
 
 def test_trace_ttft_and_gaps() -> None:
@@ -42,7 +45,7 @@ def test_trace_ttft_and_gaps() -> None:
     assert t.ttft_s == pytest.approx(0.5)
     assert t.itls_s == pytest.approx([0.25, 0.5])
     assert t.messages == 3
-    bundled = pb.RequestTrace(start=0.0)
+    bundled = RequestTrace(start=0.0)
     bundled.add(1.0, [1, 2, 3])  # one message, three tokens: two zero gaps
     assert bundled.itls_s == [0.0, 0.0]
     assert bundled.token_ids == [1, 2, 3]
@@ -51,7 +54,7 @@ def test_trace_ttft_and_gaps() -> None:
 def test_summarize_throughput_and_latency() -> None:
     # the second request gets its three tokens in one message at 0.2
     traces = [trace(0.0, 0.1, 0.2, 0.3), trace(0.0, 0.2, 0.3, 0.4, per_message=3)]
-    summary = pb.summarize(traces)
+    summary = summarize(traces)
     assert summary["requests"] == 2
     assert summary["output_tokens"] == 6
     assert summary["wall_s"] == pytest.approx(0.3)
@@ -63,53 +66,53 @@ def test_summarize_throughput_and_latency() -> None:
     assert summary["itl_mean_ms"] == pytest.approx(50.0)
     assert summary["tpot_p50_ms"] == pytest.approx(50.0)  # 100 ms per token, and 0 ms per token
     with pytest.raises(ValueError):
-        pb.summarize([trace(0.0, 0.1)])
+        summarize([trace(0.0, 0.1)])
 
 
 def test_output_budget_fits_the_context() -> None:
-    assert pb.output_budget(48, 512, 10) == 48
-    assert pb.output_budget(48, 64, 20) == 43  # 64 - 20 - 1
+    assert output_budget(48, 512, 10) == 48
+    assert output_budget(48, 64, 20) == 43  # 64 - 20 - 1
     with pytest.raises(ValueError):
-        pb.output_budget(48, 12, 10)
+        output_budget(48, 12, 10)
 
 
 def test_demo_prompts_are_seeded_and_include_addition() -> None:
-    prompts = pb.demo_prompts(30, seed=3)
-    assert prompts == pb.demo_prompts(30, seed=3)
-    assert prompts != pb.demo_prompts(30, seed=4)
+    prompts = demo_prompts(30, seed=3)
+    assert prompts == demo_prompts(30, seed=3)
+    assert prompts != demo_prompts(30, seed=4)
     assert all(prompts)
     assert re.fullmatch(r"\d{1,2}\+\d{1,2}=", prompts[0])
 
 
 def test_token_agreement() -> None:
-    assert pb.token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 1.0
-    assert pb.token_agreement([[1, 2, 3, 4]], [[1, 9, 3, 4]]) == 0.25
-    assert pb.token_agreement([], []) == 1.0
+    assert token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 1.0
+    assert token_agreement([[1, 2, 3, 4]], [[1, 9, 3, 4]]) == 0.25
+    assert token_agreement([], []) == 1.0
 
 
 def test_plan_quick_changes_only_request_counts() -> None:
-    quick, full = pb.plan_for(True), pb.plan_for(False)
-    assert set(quick.requests) == set(full.requests) == set(pb.CONCURRENCIES)
-    assert all(quick.requests[c] <= full.requests[c] for c in pb.CONCURRENCIES)
+    quick, full = plan_for(True), plan_for(False)
+    assert set(quick.requests) == set(full.requests) == set(CONCURRENCIES)
+    assert all(quick.requests[c] <= full.requests[c] for c in CONCURRENCIES)
     assert quick.output_tokens == full.output_tokens
 
 
 def test_process_labels() -> None:
-    assert pb.process_label(["ray::ServeReplica:tokenline:ingress"]) == "ray::ServeReplica:tokenline:ingress"
-    assert pb.process_label(["ray::ProxyActor   "]) == "ray::ProxyActor"
+    assert process_label(["ray::ServeReplica:tokenline:ingress"]) == "ray::ServeReplica:tokenline:ingress"
+    assert process_label(["ray::ProxyActor   "]) == "ray::ProxyActor"
     running_a_task = ["ray::ServeReplica:app:engine-demo.handle_request"]
-    assert pb.process_label(running_a_task) == "ray::ServeReplica:app:engine-demo"
-    assert pb.process_label(["ray::ServeController.listen_for_change"]) == "ray::ServeController"
-    assert pb.process_label(["/usr/bin/redis-server", "127.0.0.1:6379"]) == "redis-server"
-    assert pb.process_label(["/venv/bin/python3", "/x/log_monitor.py", "--a"]) == "python log_monitor.py"
-    assert pb.process_label(["python", "-m", "loadtest.x"]) == "python -m loadtest.x"
-    assert pb.process_label([]) == "?"
+    assert process_label(running_a_task) == "ray::ServeReplica:app:engine-demo"
+    assert process_label(["ray::ServeController.listen_for_change"]) == "ray::ServeController"
+    assert process_label(["/usr/bin/redis-server", "127.0.0.1:6379"]) == "redis-server"
+    assert process_label(["/venv/bin/python3", "/x/log_monitor.py", "--a"]) == "python log_monitor.py"
+    assert process_label(["python", "-m", "loadtest.x"]) == "python -m loadtest.x"
+    assert process_label([]) == "?"
 
 
 def test_cpu_delta_sums_by_label() -> None:
     before = {1: ("a", 1.0), 2: ("b", 5.0)}
     after = {1: ("a", 2.0), 2: ("b", 5.5), 3: ("a", 0.5)}
-    delta = pb.cpu_delta(before, after, tokens=100, wall_s=2.0)
+    delta = cpu_delta(before, after, tokens=100, wall_s=2.0)
     assert delta["total_cpu_s"] == pytest.approx(2.0)
     assert list(delta["processes"]) == ["a", "b"]
     assert delta["processes"]["a"]["cpu_s"] == pytest.approx(1.5)
@@ -118,23 +121,23 @@ def test_cpu_delta_sums_by_label() -> None:
 
 def synthetic_results() -> dict[str, object]:
     in_process = {
-        1: pb.summarize([trace(0.0, 0.005, 0.007, 0.009)]),
-        16: pb.summarize([trace(0.0, 0.010, 0.016, 0.022), trace(0.0, 0.010, 0.016, 0.022)]),
+        1: summarize([trace(0.0, 0.005, 0.007, 0.009)]),
+        16: summarize([trace(0.0, 0.010, 0.016, 0.022), trace(0.0, 0.010, 0.016, 0.022)]),
     }
     stack = {
-        1: pb.summarize([trace(0.0, 0.020, 0.023, 0.026)]),
-        16: pb.summarize([trace(0.0, 0.030, 0.040, 0.050), trace(0.0, 0.030, 0.040, 0.050)]),
+        1: summarize([trace(0.0, 0.020, 0.023, 0.026)]),
+        16: summarize([trace(0.0, 0.030, 0.040, 0.050), trace(0.0, 0.030, 0.040, 0.050)]),
     }
-    samples = {name: [0.001, 0.002, 0.003] for name in pb.STAGES}
-    plan = pb.plan_for(True)
-    return pb.assemble(
+    samples = {name: [0.001, 0.002, 0.003] for name in STAGES}
+    plan = plan_for(True)
+    return assemble(
         context={
             "quick": True,
             "cpu_count": 2,
             "torch_version": "x",
             "model": {"path": "/m", "max_context_length": 64, "vocab_size": 20},
             "engine_settings": {"num_threads": 1, "max_num_seqs": 32, "max_num_batched_tokens": 512},
-            "workload": pb.Workload({0: ["1+1="]}, {0: [[1, 2, 3]]}, 3).describe(plan),
+            "workload": Workload({0: ["1+1="]}, {0: [[1, 2, 3]]}, 3).describe(plan),
         },
         in_process=in_process,
         stack=stack,
@@ -146,11 +149,11 @@ def synthetic_results() -> dict[str, object]:
 
 def test_result_document_keys_targets_and_json(tmp_path: Path) -> None:
     results = synthetic_results()
-    assert set(pb.HEADLINE_KEYS) <= results.keys()
+    assert set(HEADLINE_KEYS) <= results.keys()
     for key in ("stages", "latency_budgets", "targets", "workload", "in_process", "stack"):
         assert key in results
     assert results["greedy_agreement"] == 1.0
-    assert set(results["stages"]) == set(pb.STAGES)  # type: ignore[call-overload]
+    assert set(results["stages"]) == set(STAGES)  # type: ignore[call-overload]
     assert results["ttft_p50_added_ms"] == pytest.approx(15.0)
     assert results["itl_p50_added_ms"] == pytest.approx(1.0)
     assert results["ratio_throughput_c16"] == pytest.approx((6 / 0.05) / (6 / 0.022))
@@ -164,9 +167,9 @@ def test_result_document_keys_targets_and_json(tmp_path: Path) -> None:
     path = tmp_path / "out" / "pipeline.json"
     write_json(results, path)
     on_disk = json.loads(path.read_text())
-    assert set(pb.HEADLINE_KEYS) <= on_disk.keys()
+    assert set(HEADLINE_KEYS) <= on_disk.keys()
     assert on_disk["stack"]["16"]["tok_s"] == pytest.approx(results["throughput_stack_c16_tok_s"])
 
-    table = pb.format_table(on_disk)
+    table = format_table(on_disk)
     assert "ratio_throughput_c16" in table and "MISSED" in table
-    assert all(name in table for name in pb.STAGES)
+    assert all(name in table for name in STAGES)
