@@ -30,14 +30,14 @@ from services.engine.attention_batch import AttentionBatch, KVCache, PrefillSpan
 # A decode group costs a few kernel launches (two gathers, SDPA, the scatter
 # back) on top of the bytes it reads. These express that fixed cost as
 # key/value bytes, so grouping trades padding against calls. On CPU a call costs
-# about as much as reading ~100 tokens of a small model's K/V; on accelerators
-# the launches dwarf the bytes, so decodes there stay in one group unless
-# padding is enormous.
+# about as much as reading ~100 tokens of a small model's K/V (the engine
+# benchmark is flat from 64 KiB to 1 MiB; one group per step is 2x slower); on
+# accelerators the launches dwarf the bytes, so decodes there stay in one group
+# unless padding is enormous.
 _GROUP_COST_BYTES_CPU = 256 << 10
 _GROUP_COST_BYTES_ACCELERATOR = 256 << 20
 # Bounds the calls per layer whatever the lengths (the cost is raised until it fits).
 _MAX_DECODE_GROUPS = 8
-_GROUP_MAX_BYTES_CPU: int | None = 2 << 20
 
 
 def _write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
@@ -154,22 +154,12 @@ def _build_decode_groups(
         group_cost *= 2
         ends = _split_by_length(sorted_lens, group_cost)
 
-    # Split a large group into near-equal runs of rows whose gathered keys and values fit in cache.
-    max_bytes = _GROUP_MAX_BYTES_CPU if device.type == "cpu" else None
-    ranges: list[tuple[int, int]] = []
+    groups: list[_DecodeGroup] = []
     start = 0
     for end in ends:
-        row_bytes = -(-sorted_lens[end - 1] // block_size) * block_size * token_bytes
-        pieces = 1 if max_bytes is None else min(end - start, -(-(end - start) * row_bytes // max_bytes))
-        size = end - start
-        ranges.extend((start + size * p // pieces, start + size * (p + 1) // pieces) for p in range(pieces))
-        start = end
-
-    groups: list[_DecodeGroup] = []
-    for start, end in ranges:
         context_len = sorted_lens[end - 1]
         num_blocks = -(-context_len // block_size)
-        if len(ranges) == 1:
+        if len(ends) == 1:
             # One group: keep the batch's own order, so no row gather or scatter is needed.
             rows, group_lens = None, lens
             tables = batch.decode_block_tables
@@ -180,6 +170,7 @@ def _build_decode_groups(
         mask = _decode_mask(group_lens, context_len, sliding_window, dtype, device)
         block_ids = tables[:, :num_blocks].reshape(-1)
         groups.append(_DecodeGroup(rows, block_ids, end - start, context_len, mask))
+        start = end
     return tuple(groups)
 
 
