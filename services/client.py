@@ -47,7 +47,9 @@ class TokenlineClient:
         return response
 
     def tokenize(self, request: pb.TokenizeRequest, timeout_s: float = 30.0) -> pb.TokenizeResponse:
-        response: pb.TokenizeResponse = self.stub.Tokenize(request, timeout=timeout_s, metadata=self._metadata)
+        response: pb.TokenizeResponse = self.stub.Tokenize(
+            request, timeout=timeout_s, metadata=self._metadata
+        )
         return response
 
     def cancel(self, request_id: str, model: str = "", timeout_s: float = 30.0) -> bool:
