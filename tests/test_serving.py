@@ -19,7 +19,6 @@ from services.engine import Engine, EngineConfig, SamplingParams
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from tests.serving_stack import MODEL_NAME, Stack
 
-
 QUESTIONS = [
     f"{a}+{b}=" for a, b in [(12, 35), (40, 7), (3, 3), (25, 61), (9, 80), (33, 44), (1, 2), (70, 19)]
 ]
