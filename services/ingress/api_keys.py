@@ -16,12 +16,12 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import redis
 
 from services.errors import InvalidParameterError, TokenlineError
+from services.queue.connection import RedisOwner
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def check_key_prefix(prefix: object) -> str:
     return prefix
 
 
-class ApiKeyStore:
+class ApiKeyStore(RedisOwner):
     """Issue, revoke and list keys. Synchronous: used by ``tokenline keys``."""
 
     def __init__(self, redis_url: str, key_prefix: str = "tl") -> None:
@@ -174,17 +174,6 @@ class ApiKeyStore:
         self._redis = redis.Redis.from_url(redis_url, protocol=2, decode_responses=True)
         self._create = self._redis.register_script(_CREATE)
         self._revoke = self._redis.register_script(_REVOKE)
-
-    def __enter__(self) -> ApiKeyStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._redis.close()
 
     def create(
         self, tenant: str, models: Sequence[str] = (), rpm: int = 0, tpm: int = 0

@@ -22,7 +22,6 @@ import hmac
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from types import TracebackType
 
 import redis.asyncio as aioredis
 
@@ -39,6 +38,7 @@ from services.ingress.api_keys import (
     hash_key,
     key_id_of,
 )
+from services.queue.connection import AsyncRedisOwner
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     return key
 
 
-class Authenticator:
+class Authenticator(AsyncRedisOwner):
     """Turns a call's gRPC metadata into a ``Tenant``. Asynchronous: used by the ingress.
 
     Positive lookups are cached for ``cache_ttl_s`` seconds (at most ``cache_entries``
@@ -124,17 +124,6 @@ class Authenticator:
         self._cache_ttl_s = float(cache_ttl_s)
         self._cache_entries = cache_entries
         self._cache: dict[str, tuple[float, Tenant]] = {}  # key digest -> (expires, tenant)
-
-    async def __aenter__(self) -> Authenticator:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
 
     async def authenticate(self, metadata: Sequence[tuple[str, str]], model: str | None) -> Tenant:
         """The tenant behind ``authorization: Bearer <key>``.

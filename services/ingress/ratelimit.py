@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from types import TracebackType
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from services.errors import InvalidParameterError, TokenlineError
 from services.ingress.api_keys import Tenant, check_key_prefix
+from services.queue.connection import AsyncRedisOwner
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class RateLimitKeys:
         return f"{self.prefix}:ratelimit:{tenant}:buckets"
 
 
-class RateLimiter:
+class RateLimiter(AsyncRedisOwner):
     """Admission by tenant quota; one Redis round trip per limited request, none when unlimited.
 
     ``window_s`` is the quota period (60 s: "per minute"); tests shorten it.
@@ -136,17 +136,6 @@ class RateLimiter:
         self._window_ms = max(1.0, float(window_s) * 1000)
         self._redis = aioredis.Redis.from_url(redis_url, protocol=2, decode_responses=True)
         self._admit: AsyncScript = self._redis.register_script(_ADMIT)
-
-    async def __aenter__(self) -> RateLimiter:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
 
     async def admit(self, tenant: Tenant, tokens: int) -> None:
         """Charge one request and ``tokens`` (prompt + max_tokens) to the tenant's buckets.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from types import TracebackType
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -17,6 +16,7 @@ from services.errors import InvalidParameterError, QueueFullError
 from services.messages import GenerationRequest, StreamRequest, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
+from services.queue.connection import AsyncRedisOwner
 from services.queue.keys import ENGINE_GROUP, QueueKeys, check_request_id
 from services.queue.output_stream import OutputCursor, advance
 from services.queue.scripts import LuaScript
@@ -36,7 +36,7 @@ class EnqueueResult:
     duplicate: bool
 
 
-class QueueClient:
+class QueueClient(AsyncRedisOwner):
     """The queue as the ingress and the detokenizer see it."""
 
     def __init__(self, url: str, config: QueueConfig | None = None) -> None:
@@ -47,17 +47,6 @@ class QueueClient:
         self._scripts: dict[LuaScript, AsyncScript] = {
             script: self._redis.register_script(script.value) for script in LuaScript
         }
-
-    async def __aenter__(self) -> QueueClient:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
 
     async def enqueue(self, request: GenerationRequest) -> EnqueueResult:
         """Durably accept a request, or raise QueueFullError with a retry hint.

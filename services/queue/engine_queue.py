@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import redis
@@ -21,6 +20,7 @@ from services.errors import InvalidParameterError
 from services.messages import FinishReason, GenerationRequest, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
+from services.queue.connection import RedisOwner
 from services.queue.keys import ENGINE_GROUP, ModelKeys, QueueKeys
 from services.queue.output_stream import collect_tokens
 from services.queue.scripts import LuaScript
@@ -40,7 +40,7 @@ class ClaimedRequest:
     cancelled: bool
 
 
-class EngineQueue:
+class EngineQueue(RedisOwner):
     """The queue as one engine replica sees it. Safe to share between threads: every call
     takes its own connection from redis-py's pool."""
 
@@ -50,17 +50,6 @@ class EngineQueue:
         # RESP2 and raw bytes: the shapes the codec reads (token ids are packed binary).
         self._redis = redis.Redis.from_url(url, protocol=2, decode_responses=False)
         self._scripts: dict[LuaScript, Script] = {s: self._redis.register_script(s.value) for s in LuaScript}
-
-    def __enter__(self) -> EngineQueue:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._redis.close()
 
     def claim(self, model: str, consumer: str, max_count: int, block_ms: int) -> list[ClaimedRequest]:
         """Take up to ``max_count`` new requests, waiting up to ``block_ms`` (0: do not wait)."""
