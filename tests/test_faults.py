@@ -132,6 +132,17 @@ def test_client_disconnect_stops_the_sequence_within_a_second(stack: Stack) -> N
     wait_until(lambda: not held(), 1.0, "the engine to drop the sequence")
 
 
+def test_client_deadline_is_honoured_and_frees_the_engine(stack: Stack) -> None:
+    def held() -> bool:
+        return any("late" in s.held_request_ids for s in stack.engine_statuses(2).values())
+
+    with TokenlineClient(stack.target, stack.api_key) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            token_ids(client.stream(request("1+2=", request_id="late", max_tokens=2000), timeout_s=0.5))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: not held(), 1.5, "the engine to drop the expired request")
+
+
 def test_ingress_killed_mid_stream_client_resumes_exactly_the_rest(stack: Stack) -> None:
     with TokenlineClient(stack.target, stack.api_key) as client:
         expected = token_ids(client.stream(request("Count: 3 4 5", max_tokens=60)))
