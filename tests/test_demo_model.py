@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from services.demo import (
@@ -70,8 +71,24 @@ def default_model() -> Path:
     return build_demo_model()
 
 
+def _build_script(target: Path, recipe: DemoModelRecipe, seed: int = 0) -> str:
+    """Python source that builds ``recipe`` into ``target`` in a fresh interpreter, logging to stdout."""
+    return textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from services.demo import DemoModelRecipe, build_demo_model
+        build_demo_model(Path({str(target)!r}), seed={seed}, recipe=DemoModelRecipe(**{asdict(recipe)!r}),
+                         log=lambda line: print(line, flush=True))
+        """
+    )
+
+
 def test_same_seed_builds_identical_bytes_and_another_seed_does_not(tiny_model: Path, tmp_path: Path) -> None:
-    again = build_demo_model(tmp_path / "again", seed=0, recipe=TINY)
+    # Another process, so that per-process state (hash seeds, thread pools) cannot hide in the result.
+    again = tmp_path / "again"
+    subprocess.run(
+        [sys.executable, "-c", _build_script(again, TINY)], cwd=REPO_ROOT, check=True, capture_output=True
+    )
     other = build_demo_model(tmp_path / "other", seed=1, recipe=TINY)
     weights = (tiny_model / "model.safetensors").read_bytes()
     assert (again / "model.safetensors").read_bytes() == weights
@@ -106,7 +123,7 @@ def test_chat_template_renders_turns_and_the_generation_prompt(tiny_model: Path)
     assert isinstance(answered, str) and answered.endswith("<|assistant|>\n47</s>")
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids  # role markers are single tokens
-    with pytest.raises(Exception, match="role must be"):
+    with pytest.raises(TemplateError, match="role must be"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "hi"}], tokenize=False)
 
 
@@ -153,17 +170,8 @@ def test_partial_or_corrupt_directory_is_not_taken_as_complete(tiny_model: Path,
 def test_killed_build_leaves_nothing_that_looks_complete(tmp_path: Path) -> None:
     target = tmp_path / "model"
     slow = replace(TINY, train_steps=100_000)
-    script = textwrap.dedent(
-        f"""
-        import sys
-        from pathlib import Path
-        from services.demo import DemoModelRecipe, build_demo_model
-        build_demo_model(Path({str(target)!r}), recipe=DemoModelRecipe(**{asdict(slow)!r}),
-                         log=lambda line: print(line, flush=True))
-        """
-    )
     build = subprocess.Popen(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", _build_script(target, slow)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -257,13 +265,15 @@ def test_evaluation_rejects_bad_arguments(tiny_model: Path, tmp_path: Path) -> N
 
 
 def test_default_model_is_far_above_chance_on_held_out_examples(default_model: Path) -> None:
+    # Measured at 91-95% over seeds (chance 0.6%); the bounds leave room for other CPUs' rounding.
     report = evaluate_demo_model(default_model, num_examples=100)
     assert report.held_out_chance < 0.01
-    assert report.held_out_accuracy >= 0.7, report
+    assert report.held_out_accuracy >= 0.8, report
     for task in report.tasks:
-        assert task.accuracy >= 0.5, task
+        assert task.accuracy >= 0.6, task
+    assert report.task("facts").accuracy >= 0.9
     recorded = read_metadata(default_model)
-    assert recorded is not None and recorded["evaluation"]["held_out_accuracy"] >= 0.7
+    assert recorded is not None and recorded["evaluation"]["held_out_accuracy"] >= 0.8
 
 
 def test_default_model_answers_by_itself_and_stops(default_model: Path) -> None:

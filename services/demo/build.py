@@ -167,6 +167,8 @@ def _build_into(staging: Path, seed: int, recipe: DemoModelRecipe, say: _Progres
         "evaluation": evaluation.to_dict(),
         "files": {name: _sha256(staging / name) for name in CHECKPOINT_FILES},
     }
+    for written in staging.iterdir():
+        written.chmod(0o644)  # some writers create private files; the checkpoint is meant to be shared
     # Written last: its presence (with matching digests) is what marks the build complete.
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", "utf-8")
     logger.info("demo model built", extra={"seed": seed, "seconds": time.perf_counter() - started})

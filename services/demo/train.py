@@ -32,18 +32,25 @@ PACK_WIDTH = 64  # tokens per packed training sequence; longer rows get a pack o
 
 @dataclass(frozen=True)
 class DemoModelRecipe:
-    """Everything that shapes the demo model besides the seed. The default is the real recipe,
-    sized to build in about three minutes on two CPU cores; tests use tiny ones."""
+    """Everything that shapes the demo model besides the seed. The default is the real recipe;
+    tests use tiny ones.
 
-    hidden_size: int = 256
+    Sized by measurement on two quiet CPU cores: a step takes about 0.12 s, so the
+    whole build takes a little over two minutes. At this budget, more steps of a
+    narrow model beat fewer steps of a wide one (hidden 256 for 440 steps reached
+    76% held-out accuracy, hidden 128 for 1000 steps 91-94%), and batches below 128
+    rows made the gradient too noisy for addition to generalise.
+    """
+
+    hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 8
+    num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 768
+    intermediate_size: int = 384
     vocab_size: int = 1024  # upper bound; BPE training may stop short of it
-    train_steps: int = 600
-    batch_size: int = 64
-    learning_rate: float = 2e-3
+    train_steps: int = 1000
+    batch_size: int = 128
+    learning_rate: float = 1.5e-3
     tokenizer_rows: int = 4000  # sampled task rows the BPE is trained on, besides all prose and facts
     eval_examples: int = 200  # per task, for the accuracy recorded at build time
 
