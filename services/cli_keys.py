@@ -52,15 +52,11 @@ def add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``tokenline keys ...`` on its own (tests, ``python -m services.cli_keys keys ...``)."""
+    from services.cli import dispatch
+
     parser = argparse.ArgumentParser(prog="tokenline")
     add_keys_commands(parser.add_subparsers(title="commands"))
-    args = parser.parse_args(argv)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return 2
-    result: int = handler(args)
-    return result
+    return dispatch(parser, argv)
 
 
 def _add_redis_args(parser: argparse.ArgumentParser) -> None:
