@@ -72,6 +72,20 @@ class QueueFullError(TokenlineError):
         )
 
 
+class QueueUnavailableError(TokenlineError):
+    """Redis, which holds the queue, cannot be reached. Nothing accepted is lost; the caller
+    may retry after ``retry_after_s`` (a repeated request id is never run twice)."""
+
+    def __init__(self, operation: str, cause: str, retry_after_s: float) -> None:
+        self._init_args = (operation, cause, retry_after_s)
+        self.operation = operation
+        self.cause = cause
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"request queue unavailable during {operation} ({cause}); retry after {retry_after_s:.1f}s"
+        )
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

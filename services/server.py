@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,23 +21,30 @@ from services.queue import RedisServer
 
 logger = logging.getLogger(__name__)
 
+RAY_GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+
 
 @dataclass(frozen=True)
 class RunningStack:
     config: AppConfig  # with the Redis URL actually in use
     grpc_target: str  # HOST:PORT for clients
-    private_redis: bool  # True when the stack started its own (empty) Redis
+    redis_server: RedisServer | None  # the private Redis this stack started, None when given a URL
+
+    @property
+    def private_redis(self) -> bool:
+        return self.redis_server is not None
 
 
 @contextlib.contextmanager
 def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator[RunningStack]:
     """Everything ``tokenline serve`` runs, torn down in reverse order on exit."""
     with contextlib.ExitStack() as stack:
-        private_redis = not config.redis_url
-        if private_redis:
+        redis_server = None
+        if not config.redis_url:
             redis_server = stack.enter_context(RedisServer(appendfsync="always"))
             config = config.model_copy(update={"redis_url": redis_server.url})
         if not ray.is_initialized():
+            _set_proxy_message_limit(config.grpc_max_message_bytes)
             ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
@@ -45,7 +53,15 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         )
         stack.callback(serve.shutdown)
         serve.run(build_app(config), name=config.app_name)
-        yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", private_redis)
+        yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", redis_server)
+
+
+def _set_proxy_message_limit(max_bytes: int) -> None:
+    """Ray Serve's gRPC proxy reads its message size limit from its environment only; the
+    processes of a local Ray cluster inherit this one, so the config value is placed there
+    before ``ray.init`` starts them. On an existing cluster the variable must be set where
+    Ray runs (cluster/ and the Helm chart do so)."""
+    os.environ[RAY_GRPC_MAX_MESSAGE_ENV] = str(max_bytes)
 
 
 def _issue_local_key(config: AppConfig) -> None:

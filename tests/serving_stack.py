@@ -7,12 +7,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import redis
 from ray import serve
 
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.engine.replica import ReplicaStatus
 from services.ingress.api_keys import ApiKeyStore
-from services.queue import QueueConfig
+from services.queue import QueueConfig, RedisServer
+from services.queue.keys import ENGINE_GROUP, QueueKeys
 from services.server import running_stack
 
 MODEL_NAME = "demo"
@@ -23,6 +25,7 @@ class Stack:
     config: AppConfig
     target: str
     api_key: str  # tenant "tester", every model
+    redis_server: RedisServer  # the stack's private Redis, for faults
 
     def engine_statuses(self, replicas: int, attempts: int = 40) -> dict[int, ReplicaStatus]:
         """The status of every engine replica, by pid. Serve balances handle calls over
@@ -37,6 +40,14 @@ class Stack:
         return found
 
 
+    def unfinished_in_queue(self) -> tuple[int, int]:
+        """(entries pending in the engines' consumer group, admission slots still taken)."""
+        keys = QueueKeys(self.config.queue.key_prefix).for_model(MODEL_NAME)
+        with redis.Redis.from_url(self.config.redis_url) as client:
+            pending = client.xpending(keys.requests, ENGINE_GROUP)["pending"]
+            return int(pending), int(client.hlen(keys.active))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,7 +55,7 @@ def free_port() -> int:
         return port
 
 
-def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: int = 40) -> AppConfig:
+def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: int = 64) -> AppConfig:
     return AppConfig(
         models=(
             ModelConfig(
@@ -65,7 +76,9 @@ def start_stack(config: AppConfig) -> Iterator[Stack]:
         with ApiKeyStore(running.config.redis_url, config.queue.key_prefix) as keys:
             api_key, _ = keys.create("tester")
         wait_ready(running.grpc_target, api_key)
-        yield Stack(running.config, running.grpc_target, api_key)
+        if running.redis_server is None:
+            raise RuntimeError("the test stack must start its own Redis")
+        yield Stack(running.config, running.grpc_target, api_key, running.redis_server)
 
 
 def wait_ready(target: str, api_key: str, timeout_s: float = 120.0) -> None:

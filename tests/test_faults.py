@@ -12,11 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psutil
 import pytest
+import redis
 from ray import serve
 
 from services.client import TokenlineClient
 from services.ingress.api_keys import ApiKeyStore
 from services.proto.tokenline.v1 import generation_pb2 as pb
+from services.queue import codec
+from services.queue.keys import QueueKeys
 from tests.serving_stack import MODEL_NAME, Stack
 
 PROMPTS = ["12+35=", "40+7=", "Count: 3 4 5", "25+61="]
@@ -211,3 +214,111 @@ def test_stuck_engine_loop_fails_health_and_its_requests_complete(stack: Stack) 
     # Its health check fails and Serve replaces it with a replica that makes progress.
     wait_until(lambda: frozen[0] not in alive_pids(f"engine-{MODEL_NAME}"), 120, "Serve to replace it")
     wait_until(lambda: len(stack.engine_statuses(2)) == 2, 120, "two live engine replicas")
+
+
+def test_engine_replica_killed_with_64_in_flight_loses_nothing(stack: Stack) -> None:
+    """SIGKILL of a replica while 64 greedy streams run on two: every stream completes with
+    the fault-free text, no index twice, and nothing stays pending in the consumer group."""
+    count = 64
+
+    def run_all(tag: str) -> list[list[int]]:
+        def one(i: int) -> list[int]:
+            with TokenlineClient(stack.target, stack.api_key) as c:
+                return token_ids(c.stream(request(PROMPTS[i % 4], request_id=f"{tag}-{i}", max_tokens=48)))
+
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            return list(pool.map(one, range(count)))
+
+    baseline = run_all("calm")
+    with ThreadPoolExecutor(max_workers=1) as background:
+        faulty = background.submit(run_all, "kill9")
+        victim = None
+        deadline = time.monotonic() + 30
+        while victim is None and time.monotonic() < deadline:
+            statuses = stack.engine_statuses(2).values()
+            if sum(bool(s.held_request_ids) for s in statuses) == 2:  # work in flight on both replicas
+                victim = max(statuses, key=lambda s: len(s.held_request_ids))
+        assert victim is not None, "the two replicas never held work at the same time"
+        os.kill(victim.pid, signal.SIGKILL)
+        results = faulty.result(timeout=240)
+    assert results == baseline
+    wait_until(lambda: stack.unfinished_in_queue() == (0, 0), 10, "every request to be acknowledged")
+
+
+def output_chunk_starts(stack: Stack, request_id: str) -> list[int]:
+    """Start index of every chunk the engines wrote for the request, in stream order."""
+    key = QueueKeys(stack.config.queue.key_prefix).output(request_id)
+    with redis.Redis.from_url(stack.config.redis_url) as client:
+        entries = client.xrange(key)
+    return [chunk.start_index for _, chunk in codec.decode_chunk_entries(request_id, entries)]
+
+
+class PatientClient:
+    """A client that rides out UNAVAILABLE as the stack tells it to: before the request was
+    accepted, send it again with the same id; after tokens arrived, Resume from the next one."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._stack = stack
+        self.unavailable = 0
+
+    def stream(self, prompt: str, request_id: str, max_tokens: int) -> list[int]:
+        received: list[int] = []
+        with TokenlineClient(self._stack.target, self._stack.api_key) as client:
+            messages = client.stream(request(prompt, request_id=request_id, max_tokens=max_tokens))
+            while True:
+                try:
+                    for message in messages:  # not token_ids(): what arrived before an error counts
+                        assert message.token_index == len(received), "a gap or a duplicate in the stream"
+                        received.extend(message.token_ids)
+                    return received
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                    self.unavailable += 1
+                    time.sleep(0.5)
+                    if received:
+                        messages = client.resume(request_id, len(received))
+                    else:
+                        messages = client.stream(
+                            request(prompt, request_id=request_id, max_tokens=max_tokens)
+                        )
+
+
+def test_redis_killed_and_restarted_under_load_loses_nothing(stack: Stack) -> None:
+    """SIGKILL of Redis (AOF, appendfsync always) for longer than the engines' leases while
+    16 streams run and 8 new requests arrive. Streams in flight finish with the fault-free
+    tokens without an error; new requests are refused with UNAVAILABLE until Redis is back,
+    are sent again with the same id, and run exactly once (their output starts at 0 once)."""
+    in_flight_tokens, outage_s = 160, 7.0
+    with TokenlineClient(stack.target, stack.api_key) as client:
+        expected = {p: token_ids(client.stream(request(p, max_tokens=in_flight_tokens))) for p in PROMPTS}
+    calm, arriving = PatientClient(stack), PatientClient(stack)
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        running = {
+            f"redis-inflight-{i}": pool.submit(
+                calm.stream, PROMPTS[i % 4], f"redis-inflight-{i}", in_flight_tokens
+            )
+            for i in range(16)
+        }
+        wait_until(
+            lambda: sum(len(s.held_request_ids) for s in stack.engine_statuses(2).values()) >= 16,
+            30,
+            "streams",
+        )
+        stack.redis_server.kill()
+        late = {
+            f"redis-arriving-{i}": pool.submit(arriving.stream, PROMPTS[i % 4], f"redis-arriving-{i}", 40)
+            for i in range(8)
+        }
+        time.sleep(outage_s)
+        stack.redis_server.restart()
+        results = {rid: future.result(timeout=180) for rid, future in running.items()}
+        late_results = {rid: future.result(timeout=180) for rid, future in late.items()}
+    assert calm.unavailable == 0, "a stream in flight must wait for Redis, not fail"
+    for i, rid in enumerate(results):
+        assert results[rid] == expected[PROMPTS[i % 4]]
+    assert arriving.unavailable > 0, "requests sent during the outage must have been refused"
+    for i, rid in enumerate(late_results):
+        assert late_results[rid] == expected[PROMPTS[i % 4]][:40]
+        starts = output_chunk_starts(stack, rid)
+        assert starts == sorted(set(starts)), f"{rid} was run more than once: chunk starts {starts}"
+    wait_until(lambda: stack.unfinished_in_queue() == (0, 0), 10, "every request to be acknowledged")

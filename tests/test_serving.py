@@ -4,8 +4,6 @@ the real demo model."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -158,35 +156,6 @@ def test_two_engine_replicas_share_one_queue(stack: Stack) -> None:
     assert all(after[pid].steps > before[pid] for pid in before), "both replicas must have pulled work"
 
 
-def test_killing_an_engine_replica_loses_no_stream(stack: Stack) -> None:
-    prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(16)]
-
-    def run_all(tag: str) -> list[tuple[str, list[int]]]:
-        def one(i: int) -> tuple[str, list[int]]:
-            with TokenlineClient(stack.target, stack.api_key) as c:
-                text, ids, last = collect(
-                    c.stream(request(prompts[i], max_tokens=48, ignore_eos=True, request_id=f"{tag}-{i}"))
-                )
-                assert last.finish_reason == pb.FINISH_REASON_LENGTH
-                return text, ids
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(one, range(16)))
-
-    baseline = run_all("calm")
-    with ThreadPoolExecutor(max_workers=1) as background:
-        faulty = background.submit(run_all, "fault")
-        victim = None
-        deadline = time.monotonic() + 30
-        while victim is None and time.monotonic() < deadline:
-            busy = [s for s in stack.engine_statuses(2).values() if s.held_request_ids]
-            victim = busy[0] if busy else None
-        assert victim is not None, "no replica ever held work"
-        os.kill(victim.pid, signal.SIGKILL)
-        results = faulty.result(timeout=180)
-    assert results == baseline
-
-
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -231,8 +200,8 @@ def test_full_queue_gets_resource_exhausted(stack: Stack) -> None:
                     assert "retry-after-ms=" in (error.details() or "")
                 return error.code()
 
-    with ThreadPoolExecutor(max_workers=limit + 20) as pool:
-        codes = list(pool.map(one, range(limit + 20)))
+    with ThreadPoolExecutor(max_workers=limit + 40) as pool:
+        codes = list(pool.map(one, range(limit + 40)))
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert codes.count(grpc.StatusCode.OK) >= limit // 2

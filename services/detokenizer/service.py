@@ -8,23 +8,30 @@ stream and asks the engine to stop the sequence.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
 from services.detokenizer.incremental import IncrementalDetokenizer
 from services.detokenizer.stop import StopStringMatcher
+from services.errors import QueueUnavailableError
 from services.messages import FinishReason, StreamRequest, TextDelta, TokenChunk, Usage
 from services.queue import OutputCursor, QueueClient, QueueConfig
+from services.queue.outage import Backoff
 from services.tokenizer.tokenizer import PromptTokenizer
 
 # An idle stream re-issues its blocking read this often; the read returns at once when tokens arrive.
 READ_BLOCK_MS = 1000
+
+logger = logging.getLogger(__name__)
 
 
 class DetokenizerService:
     def __init__(self, model_paths: Mapping[str, str], redis_url: str, queue_config: QueueConfig) -> None:
         self._tokenizers = {name: PromptTokenizer(path) for name, path in model_paths.items()}
         self._queue = QueueClient(redis_url, queue_config)
+        self._outage_limit_s = queue_config.reader_outage_s
 
     async def stream(self, request: StreamRequest) -> AsyncIterator[TextDelta]:
         """Text deltas of the request's output from token ``request.from_token`` on.
@@ -35,7 +42,7 @@ class DetokenizerService:
         follower = _TextFollower(self._tokenizers[request.model], request.stop)
         cursor = OutputCursor(request.request_id)
         while not cursor.finished:
-            chunks, cursor = await self._queue.read(cursor, block_ms=READ_BLOCK_MS)
+            chunks, cursor = await self._read(cursor)
             # Everything that arrived since the last read goes out as one delta: under load a
             # stream falls behind by a few steps, and one message per token would then cost
             # more than the engine step that made it. At light load each read holds one chunk.
@@ -48,7 +55,7 @@ class DetokenizerService:
                     continue
                 delta = follower.push(new)
                 if delta.matched_stop:
-                    await self._queue.cancel(request.model, request.request_id)
+                    await self._stop_engine(request)
                     usage = Usage(request.num_prompt_tokens, new.end_index, 0)
                     deltas.append(replace(delta, usage=usage))
                     break
@@ -58,6 +65,40 @@ class DetokenizerService:
                 yield merged
                 if merged.finish_reason is not None:
                     return
+
+    async def _stop_engine(self, request: StreamRequest) -> None:
+        """The client's text is complete at a stop string; the engine need not go on. Should Redis
+        be away, the engine only runs to max_tokens and its output is never read: not worth failing
+        the client's stream for."""
+        try:
+            await self._queue.cancel(request.model, request.request_id)
+        except QueueUnavailableError:
+            logger.warning(
+                "could not stop the engine after a stop string", extra={"request_id": request.request_id}
+            )
+
+    async def _read(self, cursor: OutputCursor) -> tuple[list[TokenChunk], OutputCursor]:
+        """The next read, waiting out a Redis outage of up to ``reader_outage_s`` (the request
+        itself is safe in Redis; only this stream gives up, and the client can resume)."""
+        backoff = Backoff()
+        while True:
+            try:
+                read = await self._queue.read(cursor, block_ms=READ_BLOCK_MS)
+            except QueueUnavailableError:
+                if backoff.elapsed_s > self._outage_limit_s:
+                    raise
+                if not backoff.waiting:
+                    logger.warning(
+                        "output read failed; waiting for Redis", extra={"request_id": cursor.request_id}
+                    )
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if backoff.waiting:
+                logger.info(
+                    "output read resumed",
+                    extra={"request_id": cursor.request_id, "outage_s": round(backoff.elapsed_s, 3)},
+                )
+            return read
 
 
 class _TextFollower:

@@ -23,9 +23,10 @@ import torch
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.outputs import RequestOutput
-from services.errors import InvalidParameterError
+from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, Usage
 from services.queue import ClaimedRequest, EngineQueue, QueueConfig
+from services.queue.outage import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class EngineReplica:
         self._lease_s = queue_config.lease_s
         self._stall_after_s = stall_after_s
         self._held: dict[str, _Held] = {}
+        self._outbox: list[TokenChunk] = []  # produced, not yet in Redis
+        self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
+        now = time.monotonic()
+        self._next_renew = self._next_reclaim = self._next_claim = now
         self._last_progress = time.monotonic()
         self._paused = threading.Event()  # test hook for the "stuck loop" fault; see pause_loop
         self._stop = threading.Event()
@@ -112,30 +117,49 @@ class EngineReplica:
 
     # ---- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
-        next_renew = next_reclaim = next_claim = time.monotonic()
+        outage = Backoff()
         try:
             while not self._stop.is_set():
                 if self._paused.is_set():
                     time.sleep(0.1)
                     continue
-                self._last_progress = now = time.monotonic()
-                if now >= next_renew:
-                    self._renew_leases()
-                    next_renew = now + self._lease_s / 3
-                if now >= next_reclaim:
-                    self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()))
-                    next_reclaim = now + self._lease_s / 2
-                busy = self.engine.has_unfinished()
-                room = self._room()
-                if room and (not busy or now >= next_claim):
-                    wait_ms = 0 if busy else IDLE_WAIT_MS
-                    self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms))
-                    next_claim = now + BUSY_CLAIM_INTERVAL_S
-                if self.engine.has_unfinished():
-                    self._step()
+                # Waiting for Redis counts as progress: replacing the replica would not bring Redis back.
+                self._last_progress = time.monotonic()
+                try:
+                    self._iterate()
+                except QueueUnavailableError:
+                    if not outage.waiting:
+                        logger.warning("queue unavailable; engine waits for Redis", extra=self._log_context())
+                    self._stop.wait(outage.next_delay())
+                    continue
+                if outage.waiting:
+                    logger.info(
+                        "queue back", extra={**self._log_context(), "outage_s": round(outage.elapsed_s, 3)}
+                    )
+                    outage.reset()
         except BaseException as exc:  # the health check reports it; Serve replaces the replica
             self._error = exc
-            logger.exception("engine loop died", extra={"model": self.model_name, "consumer": self.consumer})
+            logger.exception("engine loop died", extra=self._log_context())
+
+    def _iterate(self) -> None:
+        """One turn of the loop. Any Redis call may raise QueueUnavailableError; whatever the
+        engine produced stays in the outbox and is written first on the next turn."""
+        self._flush(poll_cancels=False)
+        now = time.monotonic()
+        if now >= self._next_renew:
+            self._renew_leases()
+            self._next_renew = now + self._lease_s / 3
+        if now >= self._next_reclaim:
+            self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()))
+            self._next_reclaim = now + self._lease_s / 2
+        busy = self.engine.has_unfinished()
+        room = self._room()
+        if room and (not busy or now >= self._next_claim):
+            wait_ms = 0 if busy else IDLE_WAIT_MS
+            self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms))
+            self._next_claim = now + BUSY_CLAIM_INTERVAL_S
+        if self.engine.has_unfinished():
+            self._step()
 
     def _room(self) -> int:
         """New requests this replica can take now: free batch slots, and only while nothing
@@ -147,15 +171,30 @@ class EngineReplica:
 
     def _step(self) -> None:
         outputs = self.engine.step()
-        chunks = [self._chunk(out) for out in outputs if out.request_id in self._held]
-        running = [rid for rid in self._held if rid not in {c.request_id for c in chunks if c.finish_reason}]
-        cancelled = self.queue.append_and_poll_cancels(self.model_name, chunks, running)
-        for chunk in chunks:
-            if chunk.finish_reason is not None:
-                self._finish(chunk.request_id)
-        for request_id in cancelled:
-            self.engine.abort(request_id)
-            self._end(request_id, FinishReason.ABORT)
+        self._outbox.extend(self._chunk(out) for out in outputs if out.request_id in self._held)
+        self._flush(poll_cancels=True)
+
+    def _flush(self, poll_cancels: bool) -> None:
+        """Write the outbox and bring back cancellations in one round trip, then acknowledge the
+        requests whose final chunk is written. Raises QueueUnavailableError with nothing lost:
+        a chunk written twice is harmless (readers skip indices they have), and so is a repeated
+        acknowledgement."""
+        if self._outbox or poll_cancels:
+            finishing = {chunk.request_id for chunk in self._outbox if chunk.finish_reason is not None}
+            running = [rid for rid in self._held if rid not in finishing] if poll_cancels else []
+            cancelled = self.queue.append_and_poll_cancels(self.model_name, self._outbox, running)
+            self._outbox = []
+            for request_id in finishing:
+                held = self._held.pop(request_id, None)
+                if held is not None:
+                    self._unacknowledged[request_id] = held.entry_id
+            for request_id in cancelled:
+                self.engine.abort(request_id)
+                self._end(request_id, FinishReason.ABORT)
+        while self._unacknowledged:
+            request_id, entry_id = next(iter(self._unacknowledged.items()))
+            self.queue.finish(self.model_name, entry_id, request_id)
+            del self._unacknowledged[request_id]
 
     def _chunk(self, out: RequestOutput) -> TokenChunk:
         held = self._held[out.request_id]
@@ -178,17 +217,19 @@ class EngineReplica:
 
     def _admit(self, item: ClaimedRequest) -> None:
         request = item.request
-        self._held[request.request_id] = _Held(item.entry_id, 0, len(request.prompt_token_ids))
+        held = _Held(item.entry_id, 0, len(request.prompt_token_ids))
         if item.cancelled:
+            self._held[request.request_id] = held
             self._end(request.request_id, FinishReason.ABORT)
             return
         produced: list[int] = []
         if item.deliveries > 1:  # someone ran it before: resume after what reached the stream
             produced, finished = self.queue.read_output_tokens(request.request_id)
             if finished:
-                self._finish(request.request_id)
+                self._unacknowledged[request.request_id] = item.entry_id
                 return
-        self._held[request.request_id].next_index = len(produced)
+        held.next_index = len(produced)
+        self._held[request.request_id] = held
         try:
             self.engine.add_request(
                 request.request_id,
@@ -210,15 +251,14 @@ class EngineReplica:
         )
 
     def _end(self, request_id: str, reason: FinishReason, error: str = "") -> None:
-        """Write a final chunk for a request the engine did not finish by itself, and release it."""
+        """Queue a final chunk for a request the engine did not finish by itself; the next flush
+        writes it and releases the request."""
         held = self._held[request_id]
         usage = Usage(held.num_prompt_tokens, held.next_index, 0)
-        self.queue.append([TokenChunk(request_id, held.next_index, (), reason, usage, error)])
-        self._finish(request_id)
+        self._outbox.append(TokenChunk(request_id, held.next_index, (), reason, usage, error))
 
-    def _finish(self, request_id: str) -> None:
-        held = self._held.pop(request_id)
-        self.queue.finish(self.model_name, held.entry_id, request_id)
+    def _log_context(self) -> dict[str, str]:
+        return {"model": self.model_name, "consumer": self.consumer}
 
     def _renew_leases(self) -> None:
         if not self._held:

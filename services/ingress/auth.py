@@ -39,6 +39,7 @@ from services.ingress.api_keys import (
     key_id_of,
 )
 from services.queue.connection import AsyncRedisOwner
+from services.queue.outage import guard_async
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class Authenticator(AsyncRedisOwner):
             raise PermissionDeniedError(tenant.name, model)
         return tenant
 
+    @guard_async
     async def _lookup(self, key_hash: str) -> Tenant:
         key_id = key_id_of(key_hash)
         raw = await self._redis.hget(self._keys.records, key_hash)  # type: ignore[misc]

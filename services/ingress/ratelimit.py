@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from services.errors import InvalidParameterError, TokenlineError
 from services.ingress.api_keys import Tenant, check_key_prefix
 from services.queue.connection import AsyncRedisOwner
+from services.queue.outage import guard_async
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class RateLimiter(AsyncRedisOwner):
         self._redis = aioredis.Redis.from_url(redis_url, protocol=2, decode_responses=True)
         self._admit: AsyncScript = self._redis.register_script(_ADMIT)
 
+    @guard_async
     async def admit(self, tenant: Tenant, tokens: int) -> None:
         """Charge one request and ``tokens`` (prompt + max_tokens) to the tenant's buckets.
 

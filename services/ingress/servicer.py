@@ -21,7 +21,7 @@ import grpc
 from ray.serve.grpc_util import RayServegRPCContext
 
 from services.config import AppConfig
-from services.errors import ModelNotFoundError, RequestNotFoundError, TokenlineError
+from services.errors import ModelNotFoundError, QueueUnavailableError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
@@ -191,19 +191,34 @@ class IngressService:
         self, stream: StreamRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[TextDelta]:
         """Relay the detokenizer's deltas; a stream that ends early cancels the request."""
-        finished = False
+        finished = False  # True also when the client is told to resume
+        next_index = stream.from_token
         try:
             async for delta in self._detokenizer.stream.options(stream=True).remote(stream):
                 if delta.error:
                     error = RpcError(grpc.StatusCode.ABORTED, f"request failed: {delta.error}")
                     raise abort(grpc_context, error)
                 finished = delta.finish_reason is not None
+                next_index = delta.token_index + len(delta.token_ids)
                 yield delta
+        except QueueUnavailableError as outage:
+            # The request is safe in Redis and runs on once Redis is back: say where to resume,
+            # and leave it running for that.
+            finished = True
+            details = f"{outage}; resume request_id={stream.request_id} from_token={next_index}"
+            raise abort(grpc_context, RpcError(grpc.StatusCode.UNAVAILABLE, details)) from outage
         finally:
             if not finished:  # client went away, deadline passed or this replica is stopping
-                await asyncio.shield(self._queue.cancel(stream.model, stream.request_id))
+                await asyncio.shield(self._cancel_quietly(stream))
 
     # ---- helpers --------------------------------------------------------------------------
+    async def _cancel_quietly(self, stream: StreamRequest) -> None:
+        """Best effort: with Redis away the engine runs to max_tokens and nobody reads the rest."""
+        try:
+            await self._queue.cancel(stream.model, stream.request_id)
+        except QueueUnavailableError:
+            logger.warning("could not cancel an abandoned stream", extra={"request_id": stream.request_id})
+
     async def _authenticate(self, grpc_context: RayServegRPCContext, model: str | None) -> Tenant:
         if not self._config.auth.enabled:
             return ANONYMOUS

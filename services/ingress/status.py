@@ -13,6 +13,7 @@ from services.errors import (
     InvalidParameterError,
     ModelNotFoundError,
     QueueFullError,
+    QueueUnavailableError,
     RequestNotFoundError,
     TokenlineError,
 )
@@ -46,6 +47,9 @@ def rpc_error_for(error: TokenlineError) -> RpcError:
     if isinstance(error, (QueueFullError, RateLimitedError)):
         retry_ms = round(error.retry_after_s * 1000)
         return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry-after-ms={retry_ms}")
+    if isinstance(error, QueueUnavailableError):
+        retry_ms = round(error.retry_after_s * 1000)
+        return RpcError(grpc.StatusCode.UNAVAILABLE, f"{error}; retry-after-ms={retry_ms}")
     return RpcError(grpc.StatusCode.INTERNAL, str(error))
 
 

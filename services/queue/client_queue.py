@@ -18,6 +18,7 @@ from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.connection import AsyncRedisOwner
 from services.queue.keys import ENGINE_GROUP, QueueKeys, check_request_id
+from services.queue.outage import guard_async
 from services.queue.output_stream import OutputCursor, advance
 from services.queue.scripts import LuaScript
 
@@ -48,6 +49,7 @@ class QueueClient(AsyncRedisOwner):
             script: self._redis.register_script(script.value) for script in LuaScript
         }
 
+    @guard_async
     async def enqueue(self, request: GenerationRequest) -> EnqueueResult:
         """Durably accept a request, or raise QueueFullError with a retry hint.
 
@@ -81,6 +83,7 @@ class QueueClient(AsyncRedisOwner):
             raise QueueFullError(request.model, int(value), config.max_queue_depth, config.retry_after_s)
         return EnqueueResult(request.request_id, codec.as_text(value), duplicate=status == "duplicate")
 
+    @guard_async
     async def cancel(self, model: str, request_id: str) -> bool:
         """Ask the engine holding the request (or the next one to claim it) to end it with ABORT.
 
@@ -91,6 +94,7 @@ class QueueClient(AsyncRedisOwner):
         marked = await self._scripts[LuaScript.CANCEL](keys=[keys.active, keys.cancelled], args=[request_id])
         return bool(marked)
 
+    @guard_async
     async def read(
         self, cursor: OutputCursor, block_ms: int, max_entries: int = DEFAULT_READ_ENTRIES
     ) -> tuple[list[TokenChunk], OutputCursor]:
@@ -113,15 +117,18 @@ class QueueClient(AsyncRedisOwner):
         entries = codec.decode_chunk_entries(cursor.request_id, codec.stream_entries(reply))
         return advance(cursor, entries)
 
+    @guard_async
     async def stream_request(self, request_id: str) -> StreamRequest | None:
         """How to follow an accepted request's output (model, stop strings), or None if unknown."""
         blob = await self._redis.get(self._keys.stream_metadata(request_id))
         return None if blob is None else codec.decode_stream_request(request_id, blob)
 
+    @guard_async
     async def depth(self, model: str) -> int:
         """Accepted-but-unfinished requests of ``model`` (what admission compares to the bound)."""
         return int(await self._redis.hlen(self._keys.for_model(model).active))
 
+    @guard_async
     async def exists(self, request_id: str) -> bool:
         """Whether the request id is known: still remembered for idempotency, or its output is retained."""
         keys = (self._keys.idempotency(request_id), self._keys.output(request_id))

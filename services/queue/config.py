@@ -55,6 +55,13 @@ class QueueConfig(BaseModel):
         gt=0.0,
         description="Back-off that a refused client is told to wait before retrying (RESOURCE_EXHAUSTED).",
     )
+    reader_outage_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="How long a stream reader waits for an unreachable Redis before it ends the "
+        "client's stream with UNAVAILABLE; the client then continues with Resume. Engines wait for "
+        "Redis as long as it takes, holding their unwritten output.",
+    )
     dead_letter_max_entries: int = Field(
         default=10_000,
         ge=1,

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.exceptions import ResponseError
+from redis.retry import Retry
 from redis.typing import EncodableT, KeyT, StreamIdT
 
 from services.errors import InvalidParameterError
@@ -22,6 +24,7 @@ from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.connection import RedisOwner
 from services.queue.keys import ENGINE_GROUP, ModelKeys, QueueKeys
+from services.queue.outage import guard
 from services.queue.output_stream import collect_tokens
 from services.queue.scripts import LuaScript
 
@@ -48,9 +51,13 @@ class EngineQueue(RedisOwner):
         self._config = config or QueueConfig()
         self._keys = QueueKeys(self._config.key_prefix)
         # RESP2 and raw bytes: the shapes the codec reads (token ids are packed binary).
-        self._redis = redis.Redis.from_url(url, protocol=2, decode_responses=False)
+        # Few, short retries: the replica's loop waits out longer outages itself, beating its
+        # health check meanwhile; seconds of retrying inside one call would look like a stall.
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=3)
+        self._redis = redis.Redis.from_url(url, protocol=2, decode_responses=False, retry=retry)
         self._scripts: dict[LuaScript, Script] = {s: self._redis.register_script(s.value) for s in LuaScript}
 
+    @guard
     def claim(self, model: str, consumer: str, max_count: int, block_ms: int) -> list[ClaimedRequest]:
         """Take up to ``max_count`` new requests, waiting up to ``block_ms`` (0: do not wait)."""
         _check_consumer(consumer)
@@ -71,6 +78,7 @@ class EngineQueue(RedisOwner):
         delivered = [(entry_id, fields, 1) for entry_id, fields in codec.stream_entries(reply)]
         return self._admit(model, keys, delivered)
 
+    @guard
     def reclaim_expired(self, model: str, consumer: str, max_count: int) -> list[ClaimedRequest]:
         """Take over up to ``max_count`` requests whose holder let the lease run out.
 
@@ -95,6 +103,7 @@ class EngineQueue(RedisOwner):
         ]
         return self._admit(model, keys, pending)
 
+    @guard
     def renew(self, model: str, consumer: str, entry_ids: Sequence[str]) -> set[str]:
         """Extend the lease of the given entries. Returns the ids this consumer no longer
         holds (another engine reclaimed them, or they were finished): stop working on those."""
@@ -112,6 +121,7 @@ class EngineQueue(RedisOwner):
             raise
         return set(entry_ids) - {codec.as_text(entry_id) for entry_id in held}
 
+    @guard
     def append(self, chunks: Sequence[TokenChunk]) -> None:
         """Write all chunks of one engine step in one round trip."""
         if not chunks:
@@ -120,6 +130,7 @@ class EngineQueue(RedisOwner):
         self._queue_chunks(pipe, chunks)
         pipe.execute()
 
+    @guard
     def append_and_poll_cancels(
         self, model: str, chunks: Sequence[TokenChunk], running_ids: Sequence[str]
     ) -> set[str]:
@@ -132,6 +143,7 @@ class EngineQueue(RedisOwner):
         replies = pipe.execute()
         return _members(running_ids, replies[-1]) if running_ids else set()
 
+    @guard
     def cancelled(self, model: str, request_ids: Sequence[str]) -> set[str]:
         """Which of ``request_ids`` a client has cancelled (one round trip)."""
         keys = self._keys.for_model(model)
@@ -139,6 +151,7 @@ class EngineQueue(RedisOwner):
             return set()
         return _members(request_ids, self._redis.smismember(keys.cancelled, list(request_ids)))
 
+    @guard
     def finish(self, model: str, entry_id: str, request_id: str) -> bool:
         """Acknowledge a request whose final chunk is written and free its admission slot.
 
@@ -151,12 +164,14 @@ class EngineQueue(RedisOwner):
         )
         return bool(released)
 
+    @guard
     def read_output_tokens(self, request_id: str) -> tuple[list[int], bool]:
         """Tokens already in a request's output stream (overlaps collapsed) and whether it ended,
         so that an engine that reclaimed the request resumes instead of starting over."""
         entries = self._redis.xrange(self._keys.output(request_id))
         return collect_tokens(request_id, codec.decode_chunk_entries(request_id, entries))
 
+    @guard
     def ensure_group(self, model: str) -> None:
         """Create the model's stream and consumer group if missing (safe to call any time)."""
         keys = self._keys.for_model(model)
