@@ -23,6 +23,8 @@ from services.tokenizer.service import TokenizerService
 GRPC_SERVICER_FUNCTION = "services.proto.tokenline.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
+# Beyond the drain: stopping the loop and handing the rest back to the queue.
+ENGINE_STOP_MARGIN_S = 15.0
 # A long-lived stream occupies one slot of the ingress and detokenizer for its whole life.
 STREAMS_PER_REPLICA = 1000
 
@@ -42,16 +44,20 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         raise ValueError("redis_url: the application needs a Redis URL (tokenline serve starts one)")
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
     no_cpu = {"num_cpus": 0}
+    # Stopping stream holders wait for their streams (checked twice a second) before Serve stops them.
+    stream_holder = {
+        "ray_actor_options": no_cpu,
+        "max_ongoing_requests": STREAMS_PER_REPLICA,
+        "graceful_shutdown_timeout_s": app_config.stream_drain_s,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
 
     tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
     ).bind(paths, app_config.default_model_name)
-    detokenizer = _deployment(
-        DetokenizerService,
-        name="detokenizer",
-        ray_actor_options=no_cpu,
-        max_ongoing_requests=STREAMS_PER_REPLICA,
-    ).bind(paths, app_config.redis_url, app_config.queue)
+    detokenizer = _deployment(DetokenizerService, name="detokenizer", **stream_holder).bind(
+        paths, app_config.redis_url, app_config.queue
+    )
     engines = {
         model.name: _deployment(
             EngineReplica,
@@ -62,6 +68,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
             # Work reaches engines through Redis, not through Serve; only control calls come this way.
             max_ongoing_requests=8,
+            graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
         ).bind(
             model.name,
             model.engine.engine_config(paths[model.name]),
@@ -69,12 +76,13 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             app_config.queue,
             model.engine.num_threads,
             model.engine_stall_after_s,
+            model.engine_drain_s,
         )
         for model in app_config.models
     }
-    return _deployment(
-        IngressService, name="ingress", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
-    ).bind(app_config, app_config.redis_url, tokenizer, detokenizer, engines)
+    return _deployment(IngressService, name="ingress", **stream_holder).bind(
+        app_config.ingress_config(), app_config.redis_url, tokenizer, detokenizer, engines
+    )
 
 
 def _deployment(cls: type, **options: Any) -> Deployment:

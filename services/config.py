@@ -68,6 +68,12 @@ class ModelConfig(BaseModel):
     engine_stall_after_s: float = Field(
         default=30.0, gt=0.0, description="An engine loop without progress this long fails its health check."
     )
+    engine_drain_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="On a graceful stop (rolling update, scale-down) how long an engine replica keeps "
+        "running the requests it holds before it hands the rest back to the queue for another replica.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
@@ -82,6 +88,25 @@ class AuthConfig(BaseModel):
         ge=0.0,
         description="How long an ingress trusts a key lookup; a revoked key stops working within this time.",
     )
+
+
+class IngressConfig(BaseModel):
+    """The part of the application config the ingress acts on: model names and defaults, access
+    control and the queue's key layout. Engine and gRPC settings are not its business."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default_max_tokens: dict[str, int] = Field(
+        min_length=1, description="Served model names, each with its max_tokens for requests that set none."
+    )
+    default_model: str = Field(min_length=1, description="Model used when a request names none.")
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    def model_name(self, requested: str) -> str | None:
+        """The served model a request names ('' = the default), or None when none matches."""
+        wanted = requested or self.default_model
+        return wanted if wanted in self.default_max_tokens else None
 
 
 class AppConfig(BaseModel):
@@ -101,6 +126,13 @@ class AppConfig(BaseModel):
         default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
     )
     app_name: str = Field(default="tokenline", description="Ray Serve application name.")
+    stream_drain_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="On a graceful stop (rolling update) how long an ingress or detokenizer replica "
+        "keeps serving its open streams before Serve stops it; a stream still open then breaks and "
+        "its client continues it with Resume.",
+    )
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
@@ -120,6 +152,14 @@ class AppConfig(BaseModel):
     def model(self, name: str) -> ModelConfig | None:
         wanted = name or self.default_model_name
         return next((m for m in self.models if m.name == wanted), None)
+
+    def ingress_config(self) -> IngressConfig:
+        return IngressConfig(
+            default_max_tokens={m.name: m.default_max_tokens for m in self.models},
+            default_model=self.default_model_name,
+            queue=self.queue,
+            auth=self.auth,
+        )
 
     @classmethod
     def from_yaml(cls, path: Path) -> AppConfig:

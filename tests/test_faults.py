@@ -3,8 +3,10 @@ engine loop, client disconnects, keys and quotas. See the README's promise table
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,9 @@ import psutil
 import pytest
 import redis
 from ray import serve
+from ray.exceptions import RayError
 
+from services.app import build_app
 from services.client import TokenlineClient
 from services.ingress.api_keys import ApiKeyStore
 from services.proto.tokenline.v1 import generation_pb2 as pb
@@ -322,3 +326,115 @@ def test_redis_killed_and_restarted_under_load_loses_nothing(stack: Stack) -> No
         starts = output_chunk_starts(stack, rid)
         assert starts == sorted(set(starts)), f"{rid} was run more than once: chunk starts {starts}"
     wait_until(lambda: stack.unfinished_in_queue() == (0, 0), 10, "every request to be acknowledged")
+
+
+def test_rolling_restart_under_load_fails_and_truncates_no_stream(stack: Stack) -> None:
+    """A new version of the application rolled out while 12 clients stream back to back: every
+    replica is replaced (Serve restarts all deployments of a redeployed app, one at a time),
+    and each stream is complete and equal to the fault-free one. Stopping engines drain and
+    hand back what they hold; stopping ingress and detokenizer replicas finish their streams."""
+    engine = f"engine-{MODEL_NAME}"
+    old_engines, old_ingresses = set(alive_pids(engine)), set(alive_pids("ingress"))
+    with TokenlineClient(stack.target, stack.api_key) as client:
+        expected = {prompt: token_ids(client.stream(request(prompt, max_tokens=120))) for prompt in PROMPTS}
+    rolled_out = threading.Event()
+    finished: list[tuple[str, list[int]]] = []
+
+    def keep_streaming(worker: int) -> None:
+        with TokenlineClient(stack.target, stack.api_key) as c:
+            for i in itertools.count():
+                if rolled_out.is_set():
+                    return
+                prompt = PROMPTS[(worker + i) % 4]
+                finished.append((prompt, token_ids(c.stream(request(prompt, max_tokens=120)))))
+
+    def replaced() -> bool:
+        engines, ingresses = set(alive_pids(engine)), set(alive_pids("ingress"))
+        fresh = not engines & old_engines and not ingresses & old_ingresses
+        return fresh and len(engines) == 2 and bool(ingresses)
+
+    (model,) = stack.config.models
+    new_engine = model.model_copy(update={"engine_stall_after_s": model.engine_stall_after_s + 1})
+    new_version = stack.config.model_copy(update={"models": (new_engine,)})
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        clients = [pool.submit(keep_streaming, worker) for worker in range(12)]
+        wait_until(lambda: len(finished) >= 12, 60, "steady streaming")
+        before = len(finished)
+        serve.run(build_app(new_version), name=stack.config.app_name)
+        wait_until(replaced, 180, "every old engine and ingress replica to be replaced")
+        during = len(finished)
+        rolled_out.set()
+        for future in clients:
+            future.result(timeout=180)  # a failed stream raises here
+    assert during > before, "streams must have completed while the replicas were replaced"
+    mismatched = [prompt for prompt, tokens in finished if tokens != expected[prompt]]
+    assert mismatched == [], f"{len(mismatched)} of {len(finished)} streams differ from the fault-free run"
+
+
+def replica_holding(stack: Stack, request_id: str) -> int | None:
+    """PID of the engine replica that holds the request now, if one answers that it does."""
+    try:
+        statuses = stack.engine_statuses(2, attempts=8)
+    except (RayError, TimeoutError):  # a replica just died and Serve still routes to it
+        return None
+    return next((pid for pid, status in statuses.items() if request_id in status.held_request_ids), None)
+
+
+def dead_letters(stack: Stack) -> dict[str, int]:
+    """Request id -> deliveries, for every entry in the model's dead-letter stream."""
+    key = QueueKeys(stack.config.queue.key_prefix).for_model(MODEL_NAME).dead
+    with redis.Redis.from_url(stack.config.redis_url) as client:
+        entries = client.xrange(key)
+    return {str(codec.request_id_of(fields)): int(fields[b"deliveries"]) for _, fields in entries}
+
+
+def test_poison_request_is_dead_lettered_and_harms_no_one_else(stack: Stack) -> None:
+    """A request that takes down every replica that runs it (SIGKILL whenever one holds it,
+    as an out-of-memory kill or a crash in a kernel would): after max_deliveries hand-outs
+    it goes to the dead-letter stream, its client gets ABORTED with the reason, and the
+    requests streaming meanwhile finish with the fault-free tokens."""
+    limit = stack.config.queue.max_deliveries
+    with TokenlineClient(stack.target, stack.api_key) as client:
+        expected = {prompt: token_ids(client.stream(request(prompt, max_tokens=24))) for prompt in PROMPTS}
+    bystanders_done = threading.Event()
+    finished: list[tuple[str, list[int]]] = []
+
+    def poison() -> grpc.RpcError:
+        with TokenlineClient(stack.target, stack.api_key) as c, pytest.raises(grpc.RpcError) as caught:
+            token_ids(c.stream(request("1+2=", request_id="poison", max_tokens=2000), timeout_s=300))
+        return caught.value
+
+    def bystander(worker: int) -> None:
+        with TokenlineClient(stack.target, stack.api_key) as c:
+            for i in itertools.count():
+                if bystanders_done.is_set():
+                    return
+                prompt = PROMPTS[(worker + i) % 4]
+                finished.append((prompt, token_ids(c.stream(request(prompt, max_tokens=24)))))
+
+    victims: list[int] = []
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        refusal = pool.submit(poison)
+        bystanders = [pool.submit(bystander, worker) for worker in range(4)]
+        deadline = time.monotonic() + 240
+        while not refusal.done():
+            assert time.monotonic() < deadline, f"the poison request was never dead-lettered ({victims=})"
+            holder = replica_holding(stack, "poison")
+            if holder is not None and holder not in victims:
+                time.sleep(1.0)  # requests reclaimed along with it finish before the crash
+                os.kill(holder, signal.SIGKILL)
+                victims.append(holder)
+            time.sleep(0.1)
+        error = refusal.result()
+        bystanders_done.set()
+        for future in bystanders:
+            future.result(timeout=180)
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert f"delivered {limit + 1} times" in (error.details() or "")
+    assert len(victims) == limit, "each delivery but the last one crashed a replica"
+    assert dead_letters(stack).get("poison") == limit + 1
+    assert finished and all(tokens == expected[prompt] for prompt, tokens in finished)
+    wait_until(
+        lambda: len(alive_pids(f"engine-{MODEL_NAME}")) == 2, 120, "Serve to replace the crashed replicas"
+    )
+    wait_until(lambda: stack.unfinished_in_queue() == (0, 0), 30, "nothing left pending")

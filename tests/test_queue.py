@@ -134,6 +134,19 @@ def test_expired_lease_is_reclaimed_with_the_tokens_already_written(redis_url: s
         assert engine.renew(MODEL, "engine-b", [held.entry_id]) == set()
 
 
+def test_handed_back_request_is_reclaimable_at_once_without_counting_a_delivery(redis_url: str) -> None:
+    config = QueueConfig(lease_s=60.0, max_deliveries=1)
+    enqueue_all(redis_url, config, request("r"), request("kept"))
+    with EngineQueue(redis_url, config) as engine:
+        held = {c.request.request_id: c for c in engine.claim(MODEL, "stopping", 2, 0)}
+        assert held["r"].reclaimed is False
+        assert engine.hand_back(MODEL, "other", [held["r"].entry_id]) == 0, "only the holder hands back"
+        assert engine.hand_back(MODEL, "stopping", [held["r"].entry_id]) == 1
+        (taken,) = engine.reclaim_expired(MODEL, "successor", 4)  # long before the 60 s lease ran out
+        assert (taken.request.request_id, taken.deliveries, taken.reclaimed) == ("r", 1, True)
+        assert engine.renew(MODEL, "stopping", [held["kept"].entry_id]) == set(), "the rest stays held"
+
+
 def test_expired_request_behind_many_live_ones_is_found(redis_url: str) -> None:
     config = QueueConfig(lease_s=0.3, max_queue_depth=64)
     enqueue_all(redis_url, config, *(request(f"r{i:02}") for i in range(40)))

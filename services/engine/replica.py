@@ -6,6 +6,10 @@ running request's new tokens in one Redis pipeline (which also brings back the
 cancellations). Ray Serve calls ``check_health``; it fails when the loop has not
 made progress for ``stall_after_s``, and Serve then replaces the replica. Its
 requests are left pending in Redis and a live replica resumes them.
+
+When Redis is away the loop keeps what the engine produced in an outbox and
+retries; it never steps further ahead than one unwritten step. On a graceful stop
+the replica finishes what it holds for a while, then hands the rest back.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class EngineReplica:
         queue_config: QueueConfig,
         num_threads: int = 1,
         stall_after_s: float = 30.0,
+        drain_s: float = 10.0,
     ) -> None:
         torch.set_num_threads(num_threads)
         self.model_name = model_name
@@ -73,6 +78,7 @@ class EngineReplica:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lease_s = queue_config.lease_s
         self._stall_after_s = stall_after_s
+        self._drain_s = drain_s
         self._held: dict[str, _Held] = {}
         self._outbox: list[TokenChunk] = []  # produced, not yet in Redis
         self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
@@ -80,6 +86,7 @@ class EngineReplica:
         self._next_renew = self._next_reclaim = self._next_claim = now
         self._last_progress = time.monotonic()
         self._paused = threading.Event()  # test hook for the "stuck loop" fault; see pause_loop
+        self._draining = threading.Event()  # set by stop(): finish what is held, take nothing new
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -110,10 +117,40 @@ class EngineReplica:
         """Freeze the loop while the process stays alive: how tests produce a stuck engine."""
         self._paused.set()
 
-    def shutdown(self) -> None:
+    def stop(self, drain_s: float) -> None:
+        """Take no new work, let the held requests run for up to ``drain_s``, then stop the loop
+        and hand what is left back to the queue, where another replica resumes it at once.
+        Idempotent."""
+        if self._stop.is_set():
+            return
+        self._draining.set()
+        deadline = time.monotonic() + drain_s
+        while self._thread.is_alive() and (self._held or self._outbox) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._thread.is_alive():  # wedged in a call: its leases run out and others reclaim
+            logger.error(
+                "engine loop did not stop; leaving its requests to lease expiry", extra=self._log_context()
+            )
+            return
+        try:
+            self._flush(poll_cancels=False)
+            handed = self.queue.hand_back(
+                self.model_name, self.consumer, [h.entry_id for h in self._held.values()]
+            )
+        except QueueUnavailableError:
+            logger.warning(
+                "could not hand requests back; they wait for lease expiry", extra=self._log_context()
+            )
+        else:
+            logger.info("engine replica stopped", extra={**self._log_context(), "handed_back": handed})
         self.queue.close()
+
+    def __del__(self) -> None:
+        """Ray Serve calls this on a graceful stop (rolling update, scale-down)."""
+        if hasattr(self, "_thread"):  # the constructor may have failed before the loop existed
+            self.stop(self._drain_s)
 
     # ---- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -165,7 +202,7 @@ class EngineReplica:
         """New requests this replica can take now: free batch slots, and only while nothing
         it already holds is waiting for KV blocks (pulling more would just hoard work)."""
         capacity = self.engine.capacity()
-        if capacity.waiting or capacity.free_blocks == 0:
+        if self._draining.is_set() or capacity.waiting or capacity.free_blocks == 0:
             return 0
         return capacity.free_slots
 
@@ -223,7 +260,7 @@ class EngineReplica:
             self._end(request.request_id, FinishReason.ABORT)
             return
         produced: list[int] = []
-        if item.deliveries > 1:  # someone ran it before: resume after what reached the stream
+        if item.reclaimed:  # someone ran it before: resume after what reached the stream
             produced, finished = self.queue.read_output_tokens(request.request_id)
             if finished:
                 self._unacknowledged[request.request_id] = item.entry_id

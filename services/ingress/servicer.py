@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from ray.serve.grpc_util import RayServegRPCContext
 
-from services.config import AppConfig
+from services.config import IngressConfig
 from services.errors import ModelNotFoundError, QueueUnavailableError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
@@ -49,7 +49,7 @@ def _status_on_error(grpc_context: RayServegRPCContext) -> Iterator[None]:
 
 class IngressService:
     def __init__(
-        self, config: AppConfig, redis_url: str, tokenizer: Any, detokenizer: Any, engines: dict[str, Any]
+        self, config: IngressConfig, redis_url: str, tokenizer: Any, detokenizer: Any, engines: dict[str, Any]
     ) -> None:
         self._config = config
         self._queue = QueueClient(redis_url, config.queue)
@@ -231,14 +231,13 @@ class IngressService:
         return list(encoded.token_ids)
 
     def _model_name(self, requested: str) -> str:
-        config = self._config.model(requested)
-        if config is None:
+        name = self._config.model_name(requested)
+        if name is None:
             raise ModelNotFoundError(requested)
-        return config.name
+        return name
 
     def _default_max_tokens(self, model: str) -> int:
-        config = self._config.model(model)
-        return config.default_max_tokens if config is not None else 1
+        return self._config.default_max_tokens[model]
 
     async def _model_infos(self) -> dict[str, ModelInfo]:
         if not self._models:

@@ -35,12 +35,14 @@ logger = logging.getLogger(__name__)
 class ClaimedRequest:
     """A request an engine now holds under lease. ``deliveries`` counts this hand-out;
     ``cancelled`` means the client cancelled it before the engine got it: finish it
-    with ABORT instead of running it."""
+    with ABORT instead of running it. ``reclaimed``: another engine held it before, so
+    its output stream may already hold tokens to resume after."""
 
     entry_id: str
     request: GenerationRequest
     deliveries: int
     cancelled: bool
+    reclaimed: bool
 
 
 class EngineQueue(RedisOwner):
@@ -76,7 +78,7 @@ class EngineQueue(RedisOwner):
             self.ensure_group(model)
             reply = self._redis.xreadgroup(ENGINE_GROUP, consumer, streams, count=max_count, block=block)
         delivered = [(entry_id, fields, 1) for entry_id, fields in codec.stream_entries(reply)]
-        return self._admit(model, keys, delivered)
+        return self._admit(model, keys, delivered, reclaimed=False)
 
     @guard
     def reclaim_expired(self, model: str, consumer: str, max_count: int) -> list[ClaimedRequest]:
@@ -101,7 +103,7 @@ class EngineQueue(RedisOwner):
             (codec.as_text(entry_id), codec.pairs_to_fields(fields), int(count))
             for entry_id, count, fields in reply
         ]
-        return self._admit(model, keys, pending)
+        return self._admit(model, keys, pending, reclaimed=True)
 
     @guard
     def renew(self, model: str, consumer: str, entry_ids: Sequence[str]) -> set[str]:
@@ -120,6 +122,17 @@ class EngineQueue(RedisOwner):
                 return set(entry_ids)
             raise
         return set(entry_ids) - {codec.as_text(entry_id) for entry_id in held}
+
+    @guard
+    def hand_back(self, model: str, consumer: str, entry_ids: Sequence[str]) -> int:
+        """Return held entries to the queue for another engine to reclaim right away (a replica
+        that stops before its requests are done). Returns how many this consumer still held."""
+        _check_consumer(consumer)
+        if not entry_ids:
+            return 0
+        keys = self._keys.for_model(model)
+        args: list[EncodableT] = [ENGINE_GROUP, consumer, self._config.lease_ms, *entry_ids]
+        return int(self._scripts[LuaScript.HAND_BACK](keys=[keys.requests], args=args))
 
     @guard
     def append(self, chunks: Sequence[TokenChunk]) -> None:
@@ -189,7 +202,12 @@ class EngineQueue(RedisOwner):
                 pipe.pexpire(key, self._config.output_ttl_ms)
 
     def _admit(
-        self, model: str, keys: ModelKeys, entries: Iterable[tuple[str, codec.RawFields, int]]
+        self,
+        model: str,
+        keys: ModelKeys,
+        entries: Iterable[tuple[str, codec.RawFields, int]],
+        *,
+        reclaimed: bool,
     ) -> list[ClaimedRequest]:
         """Decode delivered entries; dead-letter the over-delivered and the unreadable."""
         runnable: list[tuple[str, GenerationRequest, int]] = []
@@ -207,7 +225,7 @@ class EngineQueue(RedisOwner):
             return []
         flags = self._redis.smismember(keys.cancelled, [request.request_id for _, request, _ in runnable])
         return [
-            ClaimedRequest(entry_id, request, deliveries, bool(flag))
+            ClaimedRequest(entry_id, request, deliveries, bool(flag), reclaimed)
             for (entry_id, request, deliveries), flag in zip(runnable, flags, strict=True)
         ]
 

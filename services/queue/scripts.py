@@ -90,6 +90,24 @@ return held
 """
 
 # KEYS: requests
+# ARGV: group, consumer, idle_ms, entry_id, ...
+# Hands back the entries this consumer still holds, idle enough for the next reclaim to take
+# them at once. The delivery count goes down by one: the next reclaim adds it back, so a
+# replica stopping cleanly does not count against the request's max_deliveries.
+_HAND_BACK = """
+local handed = 0
+for i = 4, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3],
+               'RETRYCOUNT', math.max(pending[1][4] - 1, 0), 'JUSTID')
+    handed = handed + 1
+  end
+end
+return handed
+"""
+
+# KEYS: requests
 # ARGV: group, consumer, min_idle_ms, max_count
 # Returns {{entry_id, delivery_count, {field, value, ...}}, ...}. The cursor loop matters:
 # XAUTOCLAIM scans a bounded slice of the pending list per call, and expired entries may
@@ -143,4 +161,5 @@ class LuaScript(enum.Enum):
     CANCEL = _CANCEL
     RENEW = _RENEW
     RECLAIM = _RECLAIM
+    HAND_BACK = _HAND_BACK
     DEAD_LETTER = _DEAD_LETTER
