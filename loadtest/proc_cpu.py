@@ -1,7 +1,8 @@
 """CPU seconds per process, from /proc (Linux): what each process of the stack spent.
 
-``cpu_by_process`` snapshots a process tree; ``cpu_delta`` turns two snapshots into CPU
-seconds per process title, so a run's CPU can be split into client, proxy, replicas, Redis.
+``process_tree`` lists a process and its descendants (``rss`` uses it too); ``cpu_by_process``
+snapshots their CPU; ``cpu_delta`` turns two snapshots into CPU seconds per process title, so
+a run's CPU can be split into client, proxy, replicas, Redis.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ def process_label(cmdline: Sequence[str]) -> str:
     return program
 
 
-def cpu_by_process(root_pid: int) -> dict[int, tuple[str, float]]:
-    """pid -> (label, CPU seconds) for ``root_pid`` and all its descendants; {} off Linux."""
+def process_tree(root_pid: int) -> dict[int, tuple[float, list[str]]]:
+    """pid -> (CPU seconds, command line) for ``root_pid`` and all its descendants; {} off Linux.
+
+    Walking down from one root keeps other users' processes out: on a shared machine another
+    test run's Ray stack carries the same process titles as ours."""
     if not os.path.isdir("/proc"):
         return {}
     ticks = os.sysconf("SC_CLK_TCK")
@@ -50,16 +54,23 @@ def cpu_by_process(root_pid: int) -> dict[int, tuple[str, float]]:
     children: dict[int, list[int]] = {}
     for pid, (parent, _, _) in table.items():
         children.setdefault(parent, []).append(pid)
-    found: dict[int, tuple[str, float]] = {}
+    found: dict[int, tuple[float, list[str]]] = {}
     todo = [root_pid]
     while todo:
         pid = todo.pop()
         if pid in table and pid not in found:
             _, cpu, cmdline = table[pid]
-            label = "this process (benchmark client)" if pid == root_pid else process_label(cmdline)
-            found[pid] = (label, cpu)
+            found[pid] = (cpu, cmdline)
             todo.extend(children.get(pid, []))
     return found
+
+
+def cpu_by_process(root_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds) for ``root_pid`` and all its descendants; {} off Linux."""
+    return {
+        pid: ("this process (benchmark client)" if pid == root_pid else process_label(cmdline), cpu)
+        for pid, (cpu, cmdline) in process_tree(root_pid).items()
+    }
 
 
 CpuSnapshot = Mapping[int, tuple[str, float]]

@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--json", type=Path, default=None, help="write the results here")
     pipeline.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     pipeline.set_defaults(handler=_bench_pipeline)
+    soak = bench_kinds.add_parser(
+        "soak", help="the whole stack under steady load for N minutes: memory of every process"
+    )
+    soak.add_argument("--minutes", type=float, required=True, help="how long the load runs")
+    soak.add_argument("--concurrency", type=int, default=8, help="closed-loop streaming clients")
+    soak.add_argument(
+        "--json", type=Path, default=Path("bench-results/soak.json"), help="write the results here"
+    )
+    soak.set_defaults(handler=_bench_soak)
 
     _add_serving_commands(commands)
     return parser
@@ -83,6 +92,12 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 
     run_pipeline_benchmark(quick=args.quick, json_path=args.json)
     return 0
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from loadtest.soak import soak_command
+
+    return soak_command(args.minutes, args.concurrency, args.json)
 
 
 def _stderr(message: str) -> None:

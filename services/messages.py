@@ -20,6 +20,9 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+# Backends keep token counts in signed 32-bit integers (vLLM, CUDA kernels), and no model's
+# context comes near this; a larger value is a client bug such as an unsigned wrap-around.
+MAX_TOKENS_LIMIT = 2**31 - 1
 
 
 class FinishReason(str, enum.Enum):
@@ -77,15 +80,9 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidParameterError("min_p", self.min_p, "must be in [0, 1]")
         _integer("max_tokens", self.max_tokens)
-        if self.max_tokens < 1:
-            raise InvalidParameterError("max_tokens", self.max_tokens, "must be >= 1")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidParameterError("stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
-        for text in self.stop:
-            if not isinstance(text, str) or not text or len(text) > MAX_STOP_STRING_CHARS:
-                raise InvalidParameterError(
-                    "stop", text, f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters"
-                )
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidParameterError("max_tokens", self.max_tokens, f"must be in [1, {MAX_TOKENS_LIMIT}]")
+        self._validate_stop_strings()
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidParameterError(
                 "stop_token_ids", len(self.stop_token_ids), f"at most {MAX_STOP_TOKEN_IDS} ids"
@@ -110,6 +107,23 @@ class SamplingParams:
             _integer("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise InvalidParameterError("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+
+    def _validate_stop_strings(self) -> None:
+        """Stop strings are client text, often taken from the prompt: an error carries their
+        count, index and length, never the text, because errors end up in logs."""
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError("stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
+        for index, text in enumerate(self.stop):
+            if not isinstance(text, str):
+                raise InvalidParameterError(
+                    "stop", type(text).__name__, f"stop string {index} is not a string"
+                )
+            if not 1 <= len(text) <= MAX_STOP_STRING_CHARS:
+                raise InvalidParameterError(
+                    "stop",
+                    len(text),
+                    f"stop string {index} has {len(text)} characters, not 1..{MAX_STOP_STRING_CHARS}",
+                )
 
     def with_max_tokens(self, max_tokens: int) -> SamplingParams:
         return replace(self, max_tokens=max_tokens)

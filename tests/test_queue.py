@@ -114,9 +114,12 @@ def test_admission_bound_refuses_with_retry_hint_and_finish_frees_one_slot(redis
         first = engine.claim(MODEL, "e", 1, 0)[0]
         assert engine.finish(MODEL, first.entry_id, "a") is True
         assert engine.finish(MODEL, first.entry_id, "a") is False, "a second finish must not free a slot"
+    with_client(redis_url, config, lambda client: client.ensure_room(MODEL))  # one slot is free again
     enqueue_all(redis_url, config, request("c"))
     with pytest.raises(QueueFullError):
         enqueue_all(redis_url, config, request("d"))
+    with pytest.raises(QueueFullError):
+        with_client(redis_url, config, lambda client: client.ensure_room(MODEL))
 
 
 def test_expired_lease_is_reclaimed_with_the_tokens_already_written(redis_url: str) -> None:

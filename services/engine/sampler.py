@@ -52,6 +52,13 @@ class Sampler:
     def _sample_row(self, row_logits: torch.Tensor, seq: Sequence) -> int:
         params = seq.params
         scores = row_logits / params.temperature
+        if not bool(torch.isfinite(scores).all()):
+            # A temperature near zero (float32 allows 1e-45) overflows the division, and
+            # softmax over +inf is NaN: every token would tie. Shifting by the largest logit
+            # first keeps the best token at 0 and the rest finite or -inf, which is the
+            # near-greedy distribution such a temperature asks for. The common case above
+            # stays as it was, so seeded outputs do not change.
+            scores = (row_logits - row_logits.max()) / params.temperature
         if params.top_k > 0 and params.top_k < scores.shape[-1]:
             kth = torch.topk(scores, params.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -88,9 +95,13 @@ class Sampler:
                 seen = torch.tensor(sorted(set(seqs[row].token_ids)), device=logits.device)
                 seen = seen[seen < vocab]
                 values = logits[row, seen]
-                logits[row, seen] = torch.where(
+                penalized_values = torch.where(
                     values > 0, values / params.repetition_penalty, values * params.repetition_penalty
                 )
+                # A penalty near 0 or near the float32 limit overflows to +-inf; an infinite
+                # logit would turn the softmax into NaN. The largest finite value keeps the order.
+                limit = torch.finfo(logits.dtype).max
+                logits[row, seen] = penalized_values.clamp(min=-limit, max=limit)
             output = seqs[row].output_token_ids
             if output and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
                 counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab]

@@ -23,8 +23,6 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-import redis.asyncio as aioredis
-
 from services.errors import InvalidParameterError, TokenlineError
 from services.ingress.api_keys import (
     DEFAULT_CACHE_ENTRIES,
@@ -38,7 +36,7 @@ from services.ingress.api_keys import (
     hash_key,
     key_id_of,
 )
-from services.queue.connection import AsyncRedisOwner
+from services.queue.connection import AsyncRedisOwner, async_redis
 from services.queue.outage import guard_async
 
 logger = logging.getLogger(__name__)
@@ -121,7 +119,7 @@ class Authenticator(AsyncRedisOwner):
         if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or cache_entries < 1:
             raise InvalidParameterError("cache_entries", cache_entries, "must be an integer >= 1")
         self._keys = AuthKeys(check_key_prefix(key_prefix))
-        self._redis = aioredis.Redis.from_url(redis_url, protocol=2, decode_responses=True)
+        self._redis = async_redis(redis_url, decode_responses=True)
         self._cache_ttl_s = float(cache_ttl_s)
         self._cache_entries = cache_entries
         self._cache: dict[str, tuple[float, Tenant]] = {}  # key digest -> (expires, tenant)

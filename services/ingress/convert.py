@@ -15,7 +15,8 @@ from services.messages import FinishReason, SamplingParams, TextDelta, Usage
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.tokenizer.prompt import ChatMessage, ChatPrompt, Prompt, TextPrompt, TokenIdsPrompt
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]+")
 _OPTIONAL_SAMPLING_FIELDS = (
     "temperature",
     "top_p",
@@ -52,10 +53,8 @@ class ParsedGenerate:
 
 
 def parse_generate(request: pb.GenerateRequest) -> ParsedGenerate:
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
-        raise InvalidParameterError(
-            "request_id", request.request_id, "must be 1-128 characters of letters, digits and _.:-"
-        )
+    if request.request_id:
+        check_request_id(request.request_id)
     sampling, max_tokens_set = parse_sampling(request.sampling)
     return ParsedGenerate(
         request_id=request.request_id,
@@ -65,6 +64,20 @@ def parse_generate(request: pb.GenerateRequest) -> ParsedGenerate:
         max_tokens_set=max_tokens_set,
         priority=request.priority,
     )
+
+
+def check_request_id(request_id: str) -> None:
+    """The shape of a client's request id: the same rule for Generate, Cancel and Resume.
+
+    The error carries the length of an over-long id rather than the id: the details of an
+    error are echoed to the client and logged, and an id may be megabytes long.
+    """
+    if not 1 <= len(request_id) <= MAX_REQUEST_ID_CHARS:
+        raise InvalidParameterError(
+            "request_id", len(request_id), f"must have 1-{MAX_REQUEST_ID_CHARS} characters"
+        )
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidParameterError("request_id", request_id, "may hold only letters, digits and _.:-")
 
 
 def parse_prompt(request: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:

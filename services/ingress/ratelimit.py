@@ -18,12 +18,11 @@ import logging
 import math
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from services.errors import InvalidParameterError, TokenlineError
 from services.ingress.api_keys import Tenant, check_key_prefix
-from services.queue.connection import AsyncRedisOwner
+from services.queue.connection import AsyncRedisOwner, async_redis
 from services.queue.outage import guard_async
 
 logger = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class RateLimiter(AsyncRedisOwner):
             raise InvalidParameterError("window_s", window_s, "must be a number > 0")
         self._keys = RateLimitKeys(check_key_prefix(key_prefix))
         self._window_ms = max(1.0, float(window_s) * 1000)
-        self._redis = aioredis.Redis.from_url(redis_url, protocol=2, decode_responses=True)
+        self._redis = async_redis(redis_url, decode_responses=True)
         self._admit: AsyncScript = self._redis.register_script(_ADMIT)
 
     @guard_async

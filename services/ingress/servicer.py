@@ -158,6 +158,7 @@ class IngressService:
         parsed = convert.parse_generate(request)
         model = self._model_name(parsed.model)
         tenant = await self._authenticate(grpc_context, model)
+        await self._queue.ensure_room(model)  # before tokenizing: refusing must stay cheap under overload
         prompt_ids = await self._encode(model, parsed.prompt)
         params = parsed.params
         if not parsed.max_tokens_set:

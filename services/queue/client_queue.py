@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from services.errors import InvalidParameterError, QueueFullError
 from services.messages import GenerationRequest, StreamRequest, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
-from services.queue.connection import AsyncRedisOwner
+from services.queue.connection import AsyncRedisOwner, async_redis
 from services.queue.keys import ENGINE_GROUP, QueueKeys, check_request_id
 from services.queue.outage import guard_async
 from services.queue.output_stream import OutputCursor, advance
@@ -44,7 +43,7 @@ class QueueClient(AsyncRedisOwner):
         self._config = config or QueueConfig()
         self._keys = QueueKeys(self._config.key_prefix)
         # RESP2 and raw bytes: the shapes the codec reads (token ids are packed binary).
-        self._redis = aioredis.Redis.from_url(url, protocol=2, decode_responses=False)
+        self._redis = async_redis(url, decode_responses=False)
         self._scripts: dict[LuaScript, AsyncScript] = {
             script: self._redis.register_script(script.value) for script in LuaScript
         }
@@ -122,6 +121,14 @@ class QueueClient(AsyncRedisOwner):
         """How to follow an accepted request's output (model, stop strings), or None if unknown."""
         blob = await self._redis.get(self._keys.stream_metadata(request_id))
         return None if blob is None else codec.decode_stream_request(request_id, blob)
+
+    async def ensure_room(self, model: str) -> None:
+        """Raise QueueFullError now if the model's queue is at its bound: a cheap early refusal
+        for an overloaded ingress. ``enqueue`` remains the gate that counts."""
+        depth = await self.depth(model)
+        if depth >= self._config.max_queue_depth:
+            config = self._config
+            raise QueueFullError(model, depth, config.max_queue_depth, config.retry_after_s)
 
     @guard_async
     async def depth(self, model: str) -> int:

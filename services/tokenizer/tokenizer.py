@@ -18,6 +18,7 @@ import jinja2
 from transformers import AutoTokenizer
 
 from services.errors import InvalidParameterError
+from services.tokenizer.length_bound import max_chars_per_token
 from services.tokenizer.prompt import (
     KNOWN_CHAT_ROLES,
     ChatMessage,
@@ -59,6 +60,7 @@ class PromptTokenizer:
             min(len(tokenizer), model_vocab) if isinstance(model_vocab, int) else len(tokenizer)
         )
         self._eos_token_ids = _eos_token_ids(config, _read_json(path / "generation_config.json"), tokenizer)
+        self._max_chars_per_token = max_chars_per_token(self._backend)
         logger.info(
             "tokenizer loaded",
             extra={
@@ -67,6 +69,7 @@ class PromptTokenizer:
                 "max_context_length": self._max_context_length,
                 "eos_token_ids": list(self._eos_token_ids),
                 "has_chat_template": self.has_chat_template,
+                "max_chars_per_token": self._max_chars_per_token,
             },
         )
 
@@ -99,12 +102,14 @@ class PromptTokenizer:
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         _check_text("prompt.text", text)
+        self._check_fits_before_encoding(text)
         return self._checked_length(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The conversation rendered with the model's chat template, ending with the
         prompt for the assistant's turn. The template writes its own special tokens."""
         rendered = self._render_chat(messages)
+        self._check_fits_before_encoding(rendered)
         return self._checked_length(self._backend.encode(rendered, add_special_tokens=False).ids)
 
     def validate_token_ids(self, token_ids: Sequence[int]) -> list[int]:
@@ -130,9 +135,12 @@ class PromptTokenizer:
             try:
                 if isinstance(prompt, TextPrompt):
                     _check_text("prompt.text", prompt.text)
+                    self._check_fits_before_encoding(prompt.text)
                     pending[prompt.add_special_tokens].append((index, prompt.text))
                 elif isinstance(prompt, ChatPrompt):
-                    pending[False].append((index, self._render_chat(prompt.messages)))
+                    rendered = self._render_chat(prompt.messages)
+                    self._check_fits_before_encoding(rendered)
+                    pending[False].append((index, rendered))
                 else:
                     results[index] = self.validate_token_ids(prompt.token_ids)
             except InvalidParameterError as error:
@@ -162,10 +170,12 @@ class PromptTokenizer:
             raise InvalidParameterError("prompt.chat", [], "has no messages")
         for index, message in enumerate(messages):
             if message.role not in KNOWN_CHAT_ROLES:
+                # The role is client text: the error carries its length, never the text.
                 raise InvalidParameterError(
                     "prompt.chat",
-                    message.role,
-                    f"message {index} has an unknown role; expected one of {sorted(KNOWN_CHAT_ROLES)}",
+                    len(message.role),
+                    f"message {index} has an unknown role of {len(message.role)} characters; "
+                    f"expected one of {sorted(KNOWN_CHAT_ROLES)}",
                 )
             _check_text("prompt.chat", message.content)
         if not self.has_chat_template:
@@ -182,6 +192,20 @@ class PromptTokenizer:
         if not isinstance(rendered, str):
             raise InvalidParameterError("prompt.chat", type(rendered).__name__, "template rendered no text")
         return rendered
+
+    def _check_fits_before_encoding(self, text: str) -> None:
+        """Refuse, without tokenizing it, a text too long to fit the context whatever its
+        tokens (see length_bound); the error carries lengths only, never the text."""
+        if self._max_chars_per_token is None:
+            return
+        at_least = -(-len(text) // self._max_chars_per_token)
+        if at_least >= self._max_context_length:
+            raise InvalidParameterError(
+                "prompt",
+                len(text),
+                f"{len(text)} characters encode to at least {at_least} tokens, "
+                f"leaving no room for output in a context of {self._max_context_length}",
+            )
 
     def _checked_length(self, ids: list[int]) -> list[int]:
         if not ids:
