@@ -46,20 +46,36 @@ class ModelShape:
 # ~40M parameters: the throughput workload's model (large enough that the matmuls,
 # not Python, should dominate a well-batched step on CPU).
 THROUGHPUT_MODEL = ModelShape(
-    name="llama-40m", vocab_size=16000, hidden_size=512, intermediate_size=1408,
-    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+    name="llama-40m",
+    vocab_size=16000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
 )
 
 # ~153M parameters: the batch-1 decode model, measured against the memory roofline.
 DECODE_MODEL = ModelShape(
-    name="llama-150m", vocab_size=32000, hidden_size=768, intermediate_size=3072,
-    num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+    name="llama-150m",
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
 )
 
 # A few hundred thousand parameters: for the smoke test of the benchmark's code paths.
 TINY_MODEL = ModelShape(
-    name="llama-tiny", vocab_size=512, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    name="llama-tiny",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
 )
 
 

@@ -173,8 +173,10 @@ def _run_contenders(
     results = {"ours": ours, "hf_static": static, "hf_cb": cb}
     for result in results.values():
         check_delivered(result, workload)
-        log(f"  {result.name}: {result.output_tokens} tokens in {result.wall_s:.2f} s "
-            f"({result.cpu_s:.2f} CPU s) = {result.tok_s:.1f} tok/s")
+        log(
+            f"  {result.name}: {result.output_tokens} tokens in {result.wall_s:.2f} s "
+            f"({result.cpu_s:.2f} CPU s) = {result.tok_s:.1f} tok/s"
+        )
     return results
 
 

@@ -34,8 +34,12 @@ def load_hf_model(model_dir: Path) -> PreTrainedModel:
 
 def _greedy_config(max_new_tokens: int) -> GenerationConfig:
     return GenerationConfig(  # type: ignore[no-untyped-call]
-        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-        eos_token_id=None, bos_token_id=None, pad_token_id=PAD_ID,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=PAD_ID,
     )
 
 
@@ -45,8 +49,8 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -59,7 +63,7 @@ def _generate_static_batch(
     out = model.generate(  # type: ignore[operator]
         input_ids=ids, attention_mask=mask, generation_config=_greedy_config(max(lengths))
     )
-    new_tokens = out[:, ids.shape[1]:]
+    new_tokens = out[:, ids.shape[1] :]
     return [new_tokens[row, :n].tolist() for row, n in enumerate(lengths)]
 
 
@@ -70,12 +74,15 @@ def run_hf_static(model: PreTrainedModel, workload: Workload, batch_size: int) -
     computed = 0
     with Stopwatch() as clock:
         for first in range(0, len(prompts), batch_size):
-            batch_prompts = prompts[first:first + batch_size]
-            batch_lengths = lengths[first:first + batch_size]
+            batch_prompts = prompts[first : first + batch_size]
+            batch_lengths = lengths[first : first + batch_size]
             outputs.extend(_generate_static_batch(model, batch_prompts, batch_lengths))
             computed += len(batch_lengths) * max(batch_lengths)
     return ContenderResult(
-        name="hf_static", wall_s=clock.wall_s, cpu_s=clock.cpu_s, outputs=outputs,
+        name="hf_static",
+        wall_s=clock.wall_s,
+        cpu_s=clock.cpu_s,
+        outputs=outputs,
         details={"batch_size": batch_size, "decoded_positions_including_padding": computed},
     )
 
@@ -121,10 +128,16 @@ def run_hf_continuous(
     request_ids = [f"bench-{i}" for i in range(len(lengths))]
     results: dict[str, list[int]] = {}
     errors: list[str] = []
-    with model.continuous_batching_context_manager(  # type: ignore[operator]
-        generation_config=generation_config, continuous_batching_config=config,
-        block=True, timeout=30, warmup=False,
-    ) as manager, Stopwatch() as clock:
+    with (
+        model.continuous_batching_context_manager(  # type: ignore[operator]
+            generation_config=generation_config,
+            continuous_batching_config=config,
+            block=True,
+            timeout=30,
+            warmup=False,
+        ) as manager,
+        Stopwatch() as clock,
+    ):
         for request_id, prompt, n in zip(request_ids, workload.prompts, lengths, strict=True):
             manager.add_request(prompt, request_id=request_id, max_new_tokens=n)
         while len(results) + len(errors) < len(request_ids):
@@ -140,10 +153,16 @@ def run_hf_continuous(
     if errors:
         raise RuntimeError(f"transformers continuous batching failed requests: {errors[:3]}")
     return ContenderResult(
-        name="hf_cb", wall_s=clock.wall_s, cpu_s=clock.cpu_s, outputs=[results[r] for r in request_ids],
-        details={"attn_implementation": model.config._attn_implementation,
-                 "max_requests_per_batch": config.max_requests_per_batch,
-                 "max_batch_tokens": config.max_batch_tokens, "page_size": config.page_size},
+        name="hf_cb",
+        wall_s=clock.wall_s,
+        cpu_s=clock.cpu_s,
+        outputs=[results[r] for r in request_ids],
+        details={
+            "attn_implementation": model.config._attn_implementation,
+            "max_requests_per_batch": config.max_requests_per_batch,
+            "max_batch_tokens": config.max_batch_tokens,
+            "page_size": config.page_size,
+        },
     )
 
 

@@ -157,10 +157,17 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"{'':<14}"
         + "".join(f"{f'c={c} in-proc':>14}{f'c={c} stack':>12}{'stack-in':>10}" for c in CONCURRENCIES),
     ]
-    rows = (("tok/s", "tok_s"), ("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p99 ms", "ttft_p99_ms"),
-            ("ITL p50 ms", "itl_p50_ms"), ("ITL p99 ms", "itl_p99_ms"), ("ITL mean ms", "itl_mean_ms"),
-            ("TPOT p50 ms", "tpot_p50_ms"),
-            ("e2e p50 ms", "e2e_p50_ms"), ("tokens/msg", "tokens_per_message"))
+    rows = (
+        ("tok/s", "tok_s"),
+        ("TTFT p50 ms", "ttft_p50_ms"),
+        ("TTFT p99 ms", "ttft_p99_ms"),
+        ("ITL p50 ms", "itl_p50_ms"),
+        ("ITL p99 ms", "itl_p99_ms"),
+        ("ITL mean ms", "itl_mean_ms"),
+        ("TPOT p50 ms", "tpot_p50_ms"),
+        ("e2e p50 ms", "e2e_p50_ms"),
+        ("tokens/msg", "tokens_per_message"),
+    )
     for label, key in rows:
         cells = ""
         for c in CONCURRENCIES:

@@ -146,8 +146,10 @@ class Side:
         check_delivered(f"{name} c={c}", traces, output_tokens)
         self.summaries[c] = summary = summarize(traces)
         self.outputs[c] = [t.token_ids for t in traces]
-        log(f"  {name} c={c}: {summary['tok_s']:.1f} tok/s, TTFT p50 {summary['ttft_p50_ms']:.2f} ms, "
-            f"ITL p50 {summary['itl_p50_ms']:.2f} ms")
+        log(
+            f"  {name} c={c}: {summary['tok_s']:.1f} tok/s, TTFT p50 {summary['ttft_p50_ms']:.2f} ms, "
+            f"ITL p50 {summary['itl_p50_ms']:.2f} ms"
+        )
 
     def all_outputs(self) -> list[list[int]]:
         return [ids for c in CONCURRENCIES for ids in self.outputs[c]]

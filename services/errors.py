@@ -27,7 +27,7 @@ class InvalidParameterError(TokenlineError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"{field}={_short(value)}: {reason}")
+        super().__init__(f"{field}={short_repr(value)}: {reason}")
 
 
 class UnsupportedModelError(TokenlineError):
@@ -46,7 +46,7 @@ class ModelNotFoundError(TokenlineError):
     def __init__(self, model: str) -> None:
         self._init_args = (model,)
         self.model = model
-        super().__init__(f"model {model!r} is not served here")
+        super().__init__(f"model {short_repr(model)} is not served here")
 
 
 class RequestNotFoundError(TokenlineError):
@@ -55,7 +55,7 @@ class RequestNotFoundError(TokenlineError):
     def __init__(self, request_id: str) -> None:
         self._init_args = (request_id,)
         self.request_id = request_id
-        super().__init__(f"request_id: no request {request_id!r} is known")
+        super().__init__(f"request_id: no request {short_repr(request_id)} is known")
 
 
 class QueueFullError(TokenlineError):
@@ -86,6 +86,7 @@ class QueueUnavailableError(TokenlineError):
         )
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters: error texts are logged and a value may be megabytes."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

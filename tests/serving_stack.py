@@ -39,7 +39,6 @@ class Stack:
                 break
         return found
 
-
     def unfinished_in_queue(self) -> tuple[int, int]:
         """(entries pending in the engines' consumer group, admission slots still taken)."""
         keys = QueueKeys(self.config.queue.key_prefix).for_model(MODEL_NAME)

@@ -28,6 +28,7 @@ import yaml
 
 from services.config import AppConfig
 from services.queue.redis_server import find_redis_server
+from services.server import RAY_GRPC_MAX_MESSAGE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "cluster" / "serve-config.yaml"
@@ -302,6 +303,29 @@ def test_ray_cluster_pins_a_ray_version_that_pyproject_allows() -> None:
     assert ray_requirement.specifier.contains(versions.pop())
 
 
+def default_grpc_max_message_bytes() -> int:
+    default: int = AppConfig.model_fields["grpc_max_message_bytes"].default
+    return default
+
+
+def test_ray_cluster_sets_the_grpc_message_limit_that_serve_config_uses() -> None:
+    """Ray Serve's gRPC proxy takes its message limit from the environment of the Ray
+    processes only; every `ray start` (a proxy runs on every node) sets it to the value
+    the application is configured with, which is AppConfig's default."""
+    config = load_yaml(RAY_CLUSTER)
+    configured = serve_application()["args"]["grpc_max_message_bytes"]
+    assert configured == default_grpc_max_message_bytes()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [command for command in config[key] if "ray start" in command]
+        values = re.findall(rf"\b{RAY_GRPC_MAX_MESSAGE_ENV}=(\d+)", start)
+        assert values == [str(configured)], (
+            f"{key}: the ray start command must export {RAY_GRPC_MAX_MESSAGE_ENV}"
+        )
+        assert start.index(RAY_GRPC_MAX_MESSAGE_ENV) < start.index("ray start"), (
+            f"{key}: set before ray start"
+        )
+
+
 # --------------------------------------------------------------------------- helm chart
 
 
@@ -383,6 +407,34 @@ def test_chart_serve_args_validate_as_app_config_and_build() -> None:
     assert gpus_there >= gpus_needed, "the GPU worker group cannot hold every engine replica"
 
 
+def test_chart_sets_the_grpc_message_limit_on_every_ray_container() -> None:
+    """Every Ray container (head and both worker groups) gets the shared container settings,
+    whose env sets the proxy's limit from serve.app.grpc_max_message_bytes, whose value is
+    AppConfig's default."""
+    texts = template_texts()
+    rayservice = texts["rayservice.yaml"]
+    ray_containers = re.findall(
+        r"- name: (ray-head|ray-worker)\n\s+\{\{- include \"tokenline.rayContainerCommon\"", rayservice
+    )
+    assert ray_containers == ["ray-head", "ray-worker"], "each Ray container must include rayContainerCommon"
+    common = re.search(
+        r'define "tokenline.rayContainerCommon" -\}\}\n(.*?)\{\{- end -\}\}', texts["_helpers.tpl"], re.S
+    )
+    assert common, "_helpers.tpl must define tokenline.rayContainerCommon"
+    env_entry = re.search(
+        rf"- name: {RAY_GRPC_MAX_MESSAGE_ENV}\n\s+value: \{{\{{ \.Values\.serve\.app\.grpc_max_message_bytes"
+        r" \| default (\d+) \| int \| quote \}\}",
+        common.group(1),
+    )
+    assert env_entry, (
+        f"rayContainerCommon must set {RAY_GRPC_MAX_MESSAGE_ENV} from serve.app.grpc_max_message_bytes"
+    )
+    assert int(env_entry.group(1)) == default_grpc_max_message_bytes(), (
+        "the fallback must be AppConfig's default"
+    )
+    assert chart_values()["serve"]["app"]["grpc_max_message_bytes"] == default_grpc_max_message_bytes()
+
+
 def test_chart_redis_conf_matches_cluster_redis_conf() -> None:
     """templates/redis.yaml renders the settings of cluster/redis.conf; values fill the templated ones."""
     text = template_texts()["redis.yaml"]
@@ -436,6 +488,13 @@ def test_helm_lint_and_template_render_a_valid_rayservice(tmp_path: Path) -> Non
     groups = {group["groupName"]: group for group in spec["rayClusterConfig"]["workerGroupSpecs"]}
     gpu_container = groups["gpu-workers"]["template"]["spec"]["containers"][0]
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    head_pod = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    ray_containers = [head_pod["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in groups.values()
+    ]
+    for container in ray_containers:
+        env = {item["name"]: item["value"] for item in container.get("env", [])}
+        assert env.get(RAY_GRPC_MAX_MESSAGE_ENV) == str(config.grpc_max_message_bytes), container["name"]
 
     (grpc_service,) = [doc for doc in documents if doc["metadata"]["name"] == "rel-tokenline-grpc"]
     assert grpc_service["spec"]["ports"][0]["port"] == 50051

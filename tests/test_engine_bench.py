@@ -11,9 +11,20 @@ from loadtest.ours import EngineSettings
 from loadtest.workload import WorkloadSpec
 
 REQUIRED_KEYS = {
-    "ours_tok_s", "hf_static_tok_s", "hf_cb_tok_s", "ratio_vs_hf_static", "ratio_vs_hf_cb",
-    "workload", "max_batch_size", "model", "torch_threads", "date",
-    "decode_b1_tok_s", "copy_bandwidth_gb_s", "decode_b1_roofline_ratio", "targets",
+    "ours_tok_s",
+    "hf_static_tok_s",
+    "hf_cb_tok_s",
+    "ratio_vs_hf_static",
+    "ratio_vs_hf_cb",
+    "workload",
+    "max_batch_size",
+    "model",
+    "torch_threads",
+    "date",
+    "decode_b1_tok_s",
+    "copy_bandwidth_gb_s",
+    "decode_b1_roofline_ratio",
+    "targets",
 }
 
 

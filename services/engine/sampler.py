@@ -52,13 +52,13 @@ class Sampler:
     def _sample_row(self, row_logits: torch.Tensor, seq: Sequence) -> int:
         params = seq.params
         scores = row_logits / params.temperature
-        if not bool(torch.isfinite(scores).all()):
-            # A temperature near zero (float32 allows 1e-45) overflows the division, and
-            # softmax over +inf is NaN: every token would tie. Shifting by the largest logit
-            # first keeps the best token at 0 and the rest finite or -inf, which is the
-            # near-greedy distribution such a temperature asks for. The common case above
-            # stays as it was, so seeded outputs do not change.
-            scores = (row_logits - row_logits.max()) / params.temperature
+        # A temperature near zero (float32 allows 1e-45) overflows the division, and a
+        # softmax over +inf is NaN: every token would tie. Shifted by the largest logit first,
+        # the best token stays at 0 and the rest are finite or -inf: the near-greedy
+        # distribution such a temperature asks for. Selected on the device (no sync), and
+        # only when needed, so ordinary seeded outputs stay bit for bit what they were.
+        shifted = (row_logits - row_logits.max()) / params.temperature
+        scores = torch.where(torch.isfinite(scores).all(), scores, shifted)
         if params.top_k > 0 and params.top_k < scores.shape[-1]:
             kth = torch.topk(scores, params.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -98,8 +98,9 @@ class Sampler:
                 penalized_values = torch.where(
                     values > 0, values / params.repetition_penalty, values * params.repetition_penalty
                 )
-                # A penalty near 0 or near the float32 limit overflows to +-inf; an infinite
-                # logit would turn the softmax into NaN. The largest finite value keeps the order.
+                # A penalty near 0 or near the float32 limit overflows to +-inf, and an infinite
+                # logit turns the softmax into NaN; the largest finite values still rank first
+                # (or last), which is what such a penalty asks for.
                 limit = torch.finfo(logits.dtype).max
                 logits[row, seen] = penalized_values.clamp(min=-limit, max=limit)
             output = seqs[row].output_token_ids

@@ -97,6 +97,7 @@ class IngressService:
         whose stream broke (an ingress replica died, a connection dropped)."""
         with _status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)  # before the lookup: no probing of ids
+            convert.check_request_id(request.request_id)
             stream = await self._queue.stream_request(request.request_id)
             if stream is None:
                 raise RequestNotFoundError(request.request_id)
@@ -118,6 +119,7 @@ class IngressService:
         with _status_on_error(grpc_context):
             model = self._model_name(request.model)
             await self._authenticate(grpc_context, model)
+            convert.check_request_id(request.request_id)
             found = await self._queue.cancel(model, request.request_id)
         return pb.CancelResponse(found=found)
 

@@ -16,6 +16,7 @@ from services.errors import (
     QueueUnavailableError,
     RequestNotFoundError,
     TokenlineError,
+    short_repr,
 )
 from services.ingress.auth import AuthenticationError, PermissionDeniedError
 from services.ingress.ratelimit import RateLimitedError
@@ -36,7 +37,7 @@ class RpcError(Exception):
 def rpc_error_for(error: TokenlineError) -> RpcError:
     if isinstance(error, InvalidParameterError):
         return RpcError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error.reason} (got {error.value!r})"
+            grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error.reason} (got {short_repr(error.value)})"
         )
     if isinstance(error, (ModelNotFoundError, RequestNotFoundError)):
         return RpcError(grpc.StatusCode.NOT_FOUND, str(error))

@@ -63,14 +63,17 @@ class QueueKeys:
 
 def check_request_id(request_id: str) -> None:
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_NAME_CHARS:
-        raise InvalidParameterError("request_id", request_id, f"must be 1..{MAX_NAME_CHARS} characters")
+        # The length, not the id: error texts are logged, and the id may be megabytes.
+        length = len(request_id) if isinstance(request_id, str) else request_id
+        raise InvalidParameterError("request_id", length, f"must be 1..{MAX_NAME_CHARS} characters")
     if not request_id.isprintable():
         raise InvalidParameterError("request_id", request_id, "must not contain control characters")
 
 
 def _check_model(model: str) -> None:
     if not isinstance(model, str) or not model or len(model) > MAX_NAME_CHARS:
-        raise InvalidParameterError("model", model, f"must be 1..{MAX_NAME_CHARS} characters")
+        length = len(model) if isinstance(model, str) else model
+        raise InvalidParameterError("model", length, f"must be 1..{MAX_NAME_CHARS} characters")
     if not model.isprintable():
         raise InvalidParameterError("model", model, "must not contain control characters")
     if model.split(":", 1)[0] in _SHARED_NAMESPACES:

@@ -110,14 +110,20 @@ volumes:
   {{- end }}
 {{- end -}}
 
-{{/* Container-level settings shared by every Ray container. */}}
+{{/* Container-level settings shared by every Ray container.
+     RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: Ray Serve's gRPC proxy (one per Ray pod) reads
+     its message size limit from the environment only, never from the Serve config.
+     It must match serve.app.grpc_max_message_bytes (AppConfig's default, 4 MiB, when
+     unset), so it is taken from there; without it the proxy accepts up to 2 GiB. */}}
 {{- define "tokenline.rayContainerCommon" -}}
 image: {{ include "tokenline.image" . }}
 imagePullPolicy: {{ .Values.image.pullPolicy }}
-{{- with .Values.extraEnv }}
 env:
+  - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+    value: {{ .Values.serve.app.grpc_max_message_bytes | default 4194304 | int | quote }}
+  {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
-{{- end }}
+  {{- end }}
 volumeMounts:
   - name: ray-logs
     mountPath: /tmp/ray
