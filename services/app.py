@@ -20,7 +20,7 @@ from services.engine.replica import EngineReplica
 from services.ingress.servicer import IngressService
 from services.tokenizer.service import TokenizerService
 
-GRPC_SERVICER_FUNCTION = "services.proto.tokenline.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+GRPC_SERVICER_FUNCTION = "services.ingress.registration.add_generation_servicer"
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
 # Beyond the drain: stopping the loop and handing the rest back to the queue.

@@ -246,14 +246,11 @@ def test_unknown_model_is_not_found(client: TokenlineClient, name: str, rpc: str
 
 # ---- bytes that are not a valid request -----------------------------------------------------
 def assert_parse_error(error: grpc.RpcError, what: str) -> None:
-    """A request that does not parse never reaches tokenline: Ray Serve's proxy answers with
-    the protobuf parse error (UNKNOWN, the code grpcio gives a failing deserializer)."""
+    """Bytes that do not parse as the RPC's request: the ingress receives them raw (see
+    services/ingress/registration.py) and answers INVALID_ARGUMENT naming the request."""
     details = error.details() or ""
-    assert error.code() in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{error.code()}: {details[:300]}"
+    assert details.startswith("request:"), details[:300]
     assert what in details, details[:300]
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from services.errors import InvalidParameterError
 from services.messages import FinishReason, SamplingParams, TextDelta, Usage
@@ -145,3 +147,18 @@ def usage_proto(usage: Usage | None) -> pb.Usage | None:
 
 def finish_reason_proto(reason: FinishReason | None) -> pb.FinishReason:
     return _FINISH_TO_PROTO[reason]
+
+
+_Message = TypeVar("_Message", bound=Message)
+
+
+def parse_message(message_type: type[_Message], raw: bytes) -> _Message:
+    """A request message from the bytes the proxy forwards (see ``ingress.registration``)."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as error:
+        reason = (
+            f"not a valid {message_type.DESCRIPTOR.full_name}: a string field holds invalid UTF-8 "
+            f"or the bytes are corrupt ({error})"
+        )
+        raise InvalidParameterError("request", f"{len(raw)} bytes", reason) from error

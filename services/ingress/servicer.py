@@ -15,9 +15,10 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from ray.serve.grpc_util import RayServegRPCContext
 
 from services.config import IngressConfig
@@ -47,6 +48,14 @@ def _status_on_error(grpc_context: RayServegRPCContext) -> Iterator[None]:
         raise abort(grpc_context, rpc_error_for(error)) from error
 
 
+_Message = TypeVar("_Message", bound=Message)
+
+
+def _parse(message_type: type[_Message], raw: bytes, grpc_context: RayServegRPCContext) -> _Message:
+    with _status_on_error(grpc_context):
+        return convert.parse_message(message_type, raw)
+
+
 class IngressService:
     def __init__(
         self, config: IngressConfig, redis_url: str, tokenizer: Any, detokenizer: Any, engines: dict[str, Any]
@@ -62,9 +71,8 @@ class IngressService:
         self._seeds = random.SystemRandom()
 
     # ---- RPCs -----------------------------------------------------------------------------
-    async def Generate(
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
-    ) -> pb.GenerateResponse:
+    async def Generate(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        request = _parse(pb.GenerateRequest, raw, grpc_context)
         text: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -85,16 +93,18 @@ class IngressService:
         )
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+        self, raw: bytes, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        request = _parse(pb.GenerateRequest, raw, grpc_context)
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
     async def Resume(
-        self, request: pb.ResumeRequest, grpc_context: RayServegRPCContext
+        self, raw: bytes, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """The rest of an accepted request's stream, from token ``from_token``: for a client
         whose stream broke (an ingress replica died, a connection dropped)."""
+        request = _parse(pb.ResumeRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)  # before the lookup: no probing of ids
             convert.check_request_id(request.request_id)
@@ -106,16 +116,16 @@ class IngressService:
         async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
             yield convert.stream_response(delta)
 
-    async def Tokenize(
-        self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext
-    ) -> pb.TokenizeResponse:
+    async def Tokenize(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
+        request = _parse(pb.TokenizeRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
             model = self._model_name(request.model)
             await self._authenticate(grpc_context, model)
             encoded = await self._encode(model, convert.parse_prompt(request))
         return pb.TokenizeResponse(token_ids=encoded, count=len(encoded))
 
-    async def Cancel(self, request: pb.CancelRequest, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
+    async def Cancel(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
+        request = _parse(pb.CancelRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
             model = self._model_name(request.model)
             await self._authenticate(grpc_context, model)
@@ -123,9 +133,8 @@ class IngressService:
             found = await self._queue.cancel(model, request.request_id)
         return pb.CancelResponse(found=found)
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
-    ) -> pb.ListModelsResponse:
+    async def ListModels(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
+        _parse(pb.ListModelsRequest, raw, grpc_context)  # no fields, but corrupt bytes are still refused
         with _status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)
             models = await self._model_infos()

@@ -86,7 +86,7 @@ app.kubernetes.io/component: redis
 {{- $deployments = append $deployments (dict "name" $name "num_replicas" (int $frontend.replicas) "ray_actor_options" (dict "num_cpus" $frontend.cpus)) -}}
 {{- end -}}
 {{- $application := dict "name" .Values.serve.appName "import_path" "services.app:build_app" "route_prefix" "/" "args" $args "deployments" $deployments -}}
-{{- $grpc := dict "port" (int .Values.grpc.port) "grpc_servicer_functions" (list "services.proto.tokenline.v1.generation_pb2_grpc.add_GenerationServicer_to_server") -}}
+{{- $grpc := dict "port" (int .Values.grpc.port) "grpc_servicer_functions" (list "services.ingress.registration.add_generation_servicer") -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "grpc_options" $grpc "logging_config" (dict "encoding" "JSON" "log_level" .Values.serve.logLevel) "applications" (list $application) -}}
 {{- toYaml $config -}}
 {{- end -}}
