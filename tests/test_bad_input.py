@@ -50,7 +50,7 @@ from tests.raw_grpc import (
     with_bytes_in_place_of,
 )
 from tests.serving_stack import MODEL_NAME, Stack
-from tests.test_faults import request as valid_request
+from tests.stack_probes import request as valid_request
 from tests.valid_traffic import ValidTraffic, assert_unchanged, watch_valid_traffic
 
 FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,18 +1,15 @@
-"""Faults and access control on the real stack: processes killed with SIGKILL, a stuck
-engine loop, client disconnects, keys and quotas. See the README's promise table."""
+"""Faults on the real stack: processes killed with SIGKILL, a stuck engine loop, Redis killed
+and restarted, a poison request, a rolling restart, client disconnects. See the README's
+promise table."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import psutil
 import pytest
 import redis
 from ray import serve
@@ -20,126 +17,14 @@ from ray.exceptions import RayError
 
 from services.app import build_app
 from services.client import TokenlineClient
-from services.ingress.api_keys import ApiKeyStore
-from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import codec
 from services.queue.keys import QueueKeys
 from tests.serving_stack import MODEL_NAME, Stack
+from tests.stack_probes import SteadyStreams, alive_pids, request, seconds_until, token_ids, wait_until
 
 PROMPTS = ["12+35=", "40+7=", "Count: 3 4 5", "25+61="]
 
 
-def request(prompt: str, request_id: str = "", max_tokens: int = 40) -> pb.GenerateRequest:
-    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return pb.GenerateRequest(request_id=request_id, text=prompt, sampling=sampling)
-
-
-def token_ids(messages: Iterator[pb.GenerateStreamResponse]) -> list[int]:
-    ids: list[int] = []
-    for message in messages:
-        assert message.token_index == len(ids), "a gap or a duplicate in the token stream"
-        ids.extend(message.token_ids)
-    return ids
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def seconds_until(condition: Callable[[], bool], limit_s: float) -> float:
-    """Seconds from now to the start of the first poll that finds ``condition`` true. A poll
-    asks every engine replica through Serve and can itself take a few hundred ms on a loaded
-    machine, so the start of the poll, not its end, dates the observation."""
-    started = time.monotonic()
-    while True:
-        polled_at = time.monotonic() - started
-        if condition():
-            return polled_at
-        assert polled_at < 5 * limit_s, "condition never became true"
-        time.sleep(0.05)
-
-
-def alive_pids(deployment: str) -> list[int]:
-    """PIDs of the live replicas of a deployment: Ray titles each replica process after it."""
-    title = f"ServeReplica:tokenline:{deployment}"
-    pids = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(process.info["cmdline"] or ())
-        if title in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
-            pids.append(process.pid)
-    return pids
-
-
-# ---- access control ---------------------------------------------------------------------
-def rpcs(client: TokenlineClient) -> dict[str, Callable[[], object]]:
-    return {
-        "Generate": lambda: client.generate(request("1+2=", max_tokens=2)),
-        "GenerateStream": lambda: token_ids(client.stream(request("1+2=", max_tokens=2))),
-        "Tokenize": lambda: client.tokenize(pb.TokenizeRequest(text="1+2=")),
-        "Cancel": lambda: client.cancel("nobody"),
-        "ListModels": lambda: client.list_models(),
-        "Resume": lambda: token_ids(client.resume("nobody", 0)),
-    }
-
-
-@pytest.mark.parametrize("key", [None, "tl_not-a-real-key", "garbage"])
-def test_missing_or_wrong_key_is_unauthenticated_on_every_rpc(stack: Stack, key: str | None) -> None:
-    with TokenlineClient(stack.target, key) as client:
-        for name, call in rpcs(client).items():
-            with pytest.raises(grpc.RpcError) as caught:
-                call()
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
-
-
-def test_model_the_tenant_may_not_use_is_permission_denied(stack: Stack) -> None:
-    with ApiKeyStore(stack.config.redis_url, stack.config.queue.key_prefix) as keys:
-        key, _ = keys.create("elsewhere", models=("another-model",))
-    with TokenlineClient(stack.target, key) as client:
-        for name, call in rpcs(client).items():
-            if name in ("ListModels", "Resume"):
-                continue  # ListModels lists what the tenant may use; Resume of an unknown id is NOT_FOUND
-            with pytest.raises(grpc.RpcError) as caught:
-                call()
-            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
-        assert client.list_models() == []
-
-
-def test_revoked_key_stops_working(stack: Stack) -> None:
-    with ApiKeyStore(stack.config.redis_url, stack.config.queue.key_prefix) as keys:
-        key, record = keys.create("short-lived")
-        with TokenlineClient(stack.target, key) as client:
-            assert client.list_models()
-            assert keys.revoke(record.key_id)
-            time.sleep(stack.config.auth.cache_ttl_s + 0.5)
-            with pytest.raises(grpc.RpcError) as caught:
-                client.list_models()
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-def test_tenant_over_quota_is_refused_while_others_succeed(stack: Stack) -> None:
-    with ApiKeyStore(stack.config.redis_url, stack.config.queue.key_prefix) as keys:
-        greedy_key, _ = keys.create("greedy", rpm=3)
-    codes = []
-    with (
-        TokenlineClient(stack.target, greedy_key) as greedy,
-        TokenlineClient(stack.target, stack.api_key) as fair,
-    ):
-        for _ in range(6):
-            try:
-                greedy.generate(request("1+2=", max_tokens=2))
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as error:
-                codes.append(error.code())
-                assert "retry-after-ms=" in (error.details() or "")
-            assert fair.generate(request("1+2=", max_tokens=2)).token_ids  # the other tenant: 100% success
-    assert codes[:3] == [grpc.StatusCode.OK] * 3
-    assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
-
-
-# ---- faults -----------------------------------------------------------------------------
 def test_client_disconnect_stops_the_sequence_within_a_second(stack: Stack) -> None:
     def held() -> bool:
         return any("walk-away" in s.held_request_ids for s in stack.engine_statuses(2).values())
@@ -335,18 +220,6 @@ def test_rolling_restart_under_load_fails_and_truncates_no_stream(stack: Stack) 
     hand back what they hold; stopping ingress and detokenizer replicas finish their streams."""
     engine = f"engine-{MODEL_NAME}"
     old_engines, old_ingresses = set(alive_pids(engine)), set(alive_pids("ingress"))
-    with TokenlineClient(stack.target, stack.api_key) as client:
-        expected = {prompt: token_ids(client.stream(request(prompt, max_tokens=120))) for prompt in PROMPTS}
-    rolled_out = threading.Event()
-    finished: list[tuple[str, list[int]]] = []
-
-    def keep_streaming(worker: int) -> None:
-        with TokenlineClient(stack.target, stack.api_key) as c:
-            for i in itertools.count():
-                if rolled_out.is_set():
-                    return
-                prompt = PROMPTS[(worker + i) % 4]
-                finished.append((prompt, token_ids(c.stream(request(prompt, max_tokens=120)))))
 
     def replaced() -> bool:
         engines, ingresses = set(alive_pids(engine)), set(alive_pids("ingress"))
@@ -356,19 +229,20 @@ def test_rolling_restart_under_load_fails_and_truncates_no_stream(stack: Stack) 
     (model,) = stack.config.models
     new_engine = model.model_copy(update={"engine_stall_after_s": model.engine_stall_after_s + 1})
     new_version = stack.config.model_copy(update={"models": (new_engine,)})
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        clients = [pool.submit(keep_streaming, worker) for worker in range(12)]
-        wait_until(lambda: len(finished) >= 12, 60, "steady streaming")
-        before = len(finished)
+    streams = SteadyStreams(stack.target, stack.api_key, PROMPTS, max_tokens=120, clients=12)
+    try:
+        wait_until(lambda: len(streams.finished) >= 12, 60, "steady streaming")
+        before = len(streams.finished)
         serve.run(build_app(new_version), name=stack.config.app_name)
         wait_until(replaced, 180, "every old engine and ingress replica to be replaced")
-        during = len(finished)
-        rolled_out.set()
-        for future in clients:
-            future.result(timeout=180)  # a failed stream raises here
+        during = len(streams.finished)
+    finally:
+        streams.stop()  # a failed stream raises here
     assert during > before, "streams must have completed while the replicas were replaced"
-    mismatched = [prompt for prompt, tokens in finished if tokens != expected[prompt]]
-    assert mismatched == [], f"{len(mismatched)} of {len(finished)} streams differ from the fault-free run"
+    mismatched = streams.mismatched()
+    assert mismatched == [], (
+        f"{len(mismatched)} of {len(streams.finished)} streams differ from the fault-free run"
+    )
 
 
 def replica_holding(stack: Stack, request_id: str) -> int | None:
@@ -394,46 +268,34 @@ def test_poison_request_is_dead_lettered_and_harms_no_one_else(stack: Stack) -> 
     it goes to the dead-letter stream, its client gets ABORTED with the reason, and the
     requests streaming meanwhile finish with the fault-free tokens."""
     limit = stack.config.queue.max_deliveries
-    with TokenlineClient(stack.target, stack.api_key) as client:
-        expected = {prompt: token_ids(client.stream(request(prompt, max_tokens=24))) for prompt in PROMPTS}
-    bystanders_done = threading.Event()
-    finished: list[tuple[str, list[int]]] = []
 
     def poison() -> grpc.RpcError:
         with TokenlineClient(stack.target, stack.api_key) as c, pytest.raises(grpc.RpcError) as caught:
             token_ids(c.stream(request("1+2=", request_id="poison", max_tokens=2000), timeout_s=300))
         return caught.value
 
-    def bystander(worker: int) -> None:
-        with TokenlineClient(stack.target, stack.api_key) as c:
-            for i in itertools.count():
-                if bystanders_done.is_set():
-                    return
-                prompt = PROMPTS[(worker + i) % 4]
-                finished.append((prompt, token_ids(c.stream(request(prompt, max_tokens=24)))))
-
     victims: list[int] = []
-    with ThreadPoolExecutor(max_workers=5) as pool:
+    bystanders = SteadyStreams(stack.target, stack.api_key, PROMPTS, max_tokens=24, clients=4)
+    with ThreadPoolExecutor(max_workers=1) as pool:
         refusal = pool.submit(poison)
-        bystanders = [pool.submit(bystander, worker) for worker in range(4)]
-        deadline = time.monotonic() + 240
-        while not refusal.done():
-            assert time.monotonic() < deadline, f"the poison request was never dead-lettered ({victims=})"
-            holder = replica_holding(stack, "poison")
-            if holder is not None and holder not in victims:
-                time.sleep(1.0)  # requests reclaimed along with it finish before the crash
-                os.kill(holder, signal.SIGKILL)
-                victims.append(holder)
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 240
+            while not refusal.done():
+                assert time.monotonic() < deadline, f"the poison request was never dead-lettered ({victims=})"
+                holder = replica_holding(stack, "poison")
+                if holder is not None and holder not in victims:
+                    time.sleep(1.0)  # requests reclaimed along with it finish before the crash
+                    os.kill(holder, signal.SIGKILL)
+                    victims.append(holder)
+                time.sleep(0.1)
+        finally:
+            bystanders.stop()
         error = refusal.result()
-        bystanders_done.set()
-        for future in bystanders:
-            future.result(timeout=180)
     assert error.code() == grpc.StatusCode.ABORTED
     assert f"delivered {limit + 1} times" in (error.details() or "")
     assert len(victims) == limit, "each delivery but the last one crashed a replica"
     assert dead_letters(stack).get("poison") == limit + 1
-    assert finished and all(tokens == expected[prompt] for prompt, tokens in finished)
+    assert bystanders.finished and bystanders.mismatched() == []
     wait_until(
         lambda: len(alive_pids(f"engine-{MODEL_NAME}")) == 2, 120, "Serve to replace the crashed replicas"
     )
