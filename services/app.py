@@ -25,7 +25,9 @@ ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
 # Beyond the drain: stopping the loop and handing the rest back to the queue.
 ENGINE_STOP_MARGIN_S = 15.0
-# A long-lived stream occupies one slot of the ingress and detokenizer for its whole life.
+# Stopping a detokenizer replica only ends its loop and hands its requests to another one.
+DETOKENIZER_STOP_S = 15.0
+# A long-lived stream occupies one slot of the ingress for its whole life.
 STREAMS_PER_REPLICA = 1000
 
 
@@ -55,9 +57,17 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
     tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
     ).bind(paths, app_config.default_model_name)
-    detokenizer = _deployment(DetokenizerService, name="detokenizer", **stream_holder).bind(
-        paths, app_config.redis_url, app_config.queue
-    )
+    # The detokenizer is a stage on the queue: nothing calls it per request, it only needs to run.
+    detokenizer = _deployment(
+        DetokenizerService,
+        name="detokenizer",
+        num_replicas=app_config.detokenizer_replicas,
+        ray_actor_options=no_cpu,
+        max_ongoing_requests=8,
+        health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
+        graceful_shutdown_timeout_s=DETOKENIZER_STOP_S,
+    ).bind(paths, app_config.redis_url, app_config.queue)
     engines = {
         model.name: _deployment(
             EngineReplica,

@@ -126,10 +126,16 @@ class AppConfig(BaseModel):
         default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
     )
     app_name: str = Field(default="tokenline", description="Ray Serve application name.")
+    detokenizer_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Detokenizer replicas; each renders the text of the requests it owns, and a dead "
+        "one's requests move to the others after the queue lease.",
+    )
     stream_drain_s: float = Field(
         default=60.0,
         gt=0.0,
-        description="On a graceful stop (rolling update) how long an ingress or detokenizer replica "
+        description="On a graceful stop (rolling update) how long an ingress replica "
         "keeps serving its open streams before Serve stops it; a stream still open then breaks and "
         "its client continues it with Resume.",
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -246,3 +247,17 @@ class TextDelta:
     usage: Usage | None = None
     error: str = ""
     logprobs: tuple[float, ...] = ()
+
+
+def merge_text_deltas(deltas: Sequence[TextDelta]) -> TextDelta:
+    """Consecutive deltas of one request as one message; the last one's ending wins."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    return replace(
+        last,
+        text="".join(d.text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        token_index=deltas[0].token_index,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+    )

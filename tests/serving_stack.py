@@ -39,6 +39,17 @@ class Stack:
                 break
         return found
 
+    def detokenizer_owners(self, replicas: int, attempts: int = 40) -> dict[int, tuple[str, ...]]:
+        """Request ids each detokenizer replica renders, by pid (calls until each answered)."""
+        handle = serve.get_deployment_handle("detokenizer", app_name=self.config.app_name)
+        found: dict[int, tuple[str, ...]] = {}
+        for _ in range(attempts):
+            pid, owned = handle.owned_requests.remote().result(timeout_s=10)
+            found[pid] = owned
+            if len(found) >= replicas:
+                break
+        return found
+
     def unfinished_in_queue(self) -> tuple[int, int]:
         """(entries pending in the engines' consumer group, admission slots still taken)."""
         keys = QueueKeys(self.config.queue.key_prefix).for_model(MODEL_NAME)
@@ -66,6 +77,7 @@ def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: 
             ),
         ),
         grpc_port=free_port(),
+        detokenizer_replicas=2,
         queue=QueueConfig(lease_s=3.0, max_queue_depth=max_queue_depth),
     )
 

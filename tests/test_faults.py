@@ -134,6 +134,42 @@ def test_engine_replica_killed_with_64_in_flight_loses_nothing(stack: Stack) -> 
     wait_until(lambda: stack.unfinished_in_queue() == (0, 0), 10, "every request to be acknowledged")
 
 
+def test_detokenizer_replica_killed_mid_stream_loses_nothing(stack: Stack) -> None:
+    """SIGKILL of the detokenizer replica that renders most of 16 streams: a live replica takes
+    its requests over after the lease and rebuilds their text from the token streams; every
+    client sees the fault-free tokens and text, each index once, in order."""
+    count = 16
+
+    def run_all(tag: str) -> list[tuple[list[int], str]]:
+        def one(i: int) -> tuple[list[int], str]:
+            ids: list[int] = []
+            text: list[str] = []
+            with TokenlineClient(stack.target, stack.api_key) as c:
+                for message in c.stream(request(PROMPTS[i % 4], request_id=f"{tag}-{i}", max_tokens=120)):
+                    assert message.token_index == len(ids), "a gap or a duplicate in the stream"
+                    ids.extend(message.token_ids)
+                    text.append(message.text)
+            return ids, "".join(text)
+
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            return list(pool.map(one, range(count)))
+
+    baseline = run_all("detok-calm")
+    with ThreadPoolExecutor(max_workers=1) as background:
+        faulty = background.submit(run_all, "detok-kill9")
+        victim = None
+        deadline = time.monotonic() + 30
+        while victim is None and time.monotonic() < deadline:
+            owners = stack.detokenizer_owners(2)
+            if len(owners) == 2 and all(owners.values()):  # both replicas render some streams
+                victim = max(owners, key=lambda pid: len(owners[pid]))
+        assert victim is not None, "the two detokenizer replicas never owned streams at the same time"
+        os.kill(victim, signal.SIGKILL)
+        results = faulty.result(timeout=240)
+    assert results == baseline
+    wait_until(lambda: len(stack.detokenizer_owners(2)) == 2, 120, "Serve to restore two detokenizers")
+
+
 def output_chunk_starts(stack: Stack, request_id: str) -> list[int]:
     """Start index of every chunk the engines wrote for the request, in stream order."""
     key = QueueKeys(stack.config.queue.key_prefix).output(request_id)

@@ -1,164 +1,98 @@
-"""The detokenizer deployment: one request's output stream -> text deltas.
+"""The detokenizer deployment: a stage on the queue, not a call.
 
-It follows the request's Redis output stream from a cursor, so it does not
-care which engine replica produced the tokens, or how many did (a reclaimed
-request continues in the same stream). On a stop string it ends the client's
-stream and asks the engine to stop the sequence.
+Nobody calls it per request. Its replicas take the requests the enqueue script
+assigns to the ``detokenizers`` consumer group, follow their token streams with one
+blocking multi-stream read per turn (``DetokenizerStage``), and write text deltas to
+each request's text stream, which the ingress reads. A replica that dies loses
+nothing: its assignments stay pending, and after the lease a live replica takes
+them over and rebuilds their state from the token streams. On a graceful stop a
+replica hands its requests back for immediate takeover.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
 
-from services.detokenizer.incremental import IncrementalDetokenizer
-from services.detokenizer.stop import StopStringMatcher
+from services.detokenizer.stage import DetokenizerStage
 from services.errors import QueueUnavailableError
-from services.messages import FinishReason, StreamRequest, TextDelta, TokenChunk, Usage
-from services.queue import OutputCursor, QueueClient, QueueConfig
+from services.queue import QueueConfig
+from services.queue.detokenizer_queue import DetokenizerQueue
 from services.queue.outage import Backoff
 from services.tokenizer.tokenizer import PromptTokenizer
 
-# An idle stream re-issues its blocking read this often; the read returns at once when tokens arrive.
-READ_BLOCK_MS = 1000
-
 logger = logging.getLogger(__name__)
+
+# A loop turn blocks at most about a second; one that has not come back for this long is stuck.
+STALL_AFTER_S = 30.0
 
 
 class DetokenizerService:
     def __init__(self, model_paths: Mapping[str, str], redis_url: str, queue_config: QueueConfig) -> None:
-        self._tokenizers = {name: PromptTokenizer(path) for name, path in model_paths.items()}
-        self._queue = QueueClient(redis_url, queue_config)
-        self._outage_limit_s = queue_config.reader_outage_s
+        tokenizers = {name: PromptTokenizer(path) for name, path in model_paths.items()}
+        self._queue = DetokenizerQueue(redis_url, queue_config)
+        self._queue.ensure_group()
+        consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._stage = DetokenizerStage(tokenizers, self._queue, consumer, queue_config.lease_s)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._last_turn = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="detokenizer-loop", daemon=True)
+        self._thread.start()
 
-    async def stream(self, request: StreamRequest) -> AsyncIterator[TextDelta]:
-        """Text deltas of the request's output from token ``request.from_token`` on.
+    def check_health(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"detokenizer loop died: {self._error!r}")
+        stalled = time.monotonic() - self._last_turn
+        if stalled > STALL_AFTER_S:
+            raise RuntimeError(f"detokenizer loop made no progress for {stalled:.1f}s")
 
-        Tokens before ``from_token`` are still detokenized (the text of a token
-        depends on those before it) and run through the stop strings, but not sent.
-        """
-        follower = _TextFollower(self._tokenizers[request.model], request.stop)
-        cursor = OutputCursor(request.request_id)
-        while not cursor.finished:
-            chunks, cursor = await self._read(cursor)
-            # Everything that arrived since the last read goes out as one delta: under load a
-            # stream falls behind by a few steps, and one message per token would then cost
-            # more than the engine step that made it. At light load each read holds one chunk.
-            deltas: list[TextDelta] = []
-            for chunk in chunks:
-                seen, new = _split(chunk, request.from_token)
-                if seen is not None:
-                    follower.push(seen)
-                if new is None:
-                    continue
-                delta = follower.push(new)
-                if delta.matched_stop:
-                    await self._stop_engine(request)
-                    usage = Usage(request.num_prompt_tokens, new.end_index, 0)
-                    deltas.append(replace(delta, usage=usage))
-                    break
-                deltas.append(delta)
-            if deltas:
-                merged = _merge(deltas)
-                yield merged
-                if merged.finish_reason is not None:
-                    return
+    def owned_requests(self) -> tuple[int, tuple[str, ...]]:
+        """(pid, ids of the requests this replica renders): for tests that kill the owner."""
+        return os.getpid(), self._stage.owned_request_ids
 
-    async def _stop_engine(self, request: StreamRequest) -> None:
-        """The client's text is complete at a stop string; the engine need not go on. Should Redis
-        be away, the engine only runs to max_tokens and its output is never read: not worth failing
-        the client's stream for."""
+    def stop(self) -> None:
+        """Stop the loop and hand every owned request to another replica. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            logger.error("detokenizer loop did not stop; its requests wait for the lease to expire")
+            return
         try:
-            await self._queue.cancel(request.model, request.request_id)
+            handed = self._stage.hand_back()
         except QueueUnavailableError:
-            logger.warning(
-                "could not stop the engine after a stop string", extra={"request_id": request.request_id}
-            )
+            logger.warning("could not hand requests back; they wait for the lease to expire")
+        else:
+            logger.info("detokenizer replica stopped", extra={"handed_back": handed})
+        self._queue.close()
 
-    async def _read(self, cursor: OutputCursor) -> tuple[list[TokenChunk], OutputCursor]:
-        """The next read, waiting out a Redis outage of up to ``reader_outage_s`` (the request
-        itself is safe in Redis; only this stream gives up, and the client can resume)."""
-        backoff = Backoff()
-        while True:
-            try:
-                read = await self._queue.read(cursor, block_ms=READ_BLOCK_MS)
-            except QueueUnavailableError:
-                if backoff.elapsed_s > self._outage_limit_s:
-                    raise
-                if not backoff.waiting:
-                    logger.warning(
-                        "output read failed; waiting for Redis", extra={"request_id": cursor.request_id}
-                    )
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            if backoff.waiting:
-                logger.info(
-                    "output read resumed",
-                    extra={"request_id": cursor.request_id, "outage_s": round(backoff.elapsed_s, 3)},
-                )
-            return read
+    def __del__(self) -> None:
+        """Ray Serve calls this on a graceful stop (rolling update, scale-down)."""
+        if hasattr(self, "_thread"):
+            self.stop()
 
-
-class _TextFollower:
-    """Incremental detokenization plus stop strings over the chunks of one request."""
-
-    def __init__(self, tokenizer: PromptTokenizer, stops: tuple[str, ...]) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._stops = StopStringMatcher(stops) if stops else None
-
-    def push(self, chunk: TokenChunk) -> TextDelta:
-        text = self._detokenizer.push(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            text += self._detokenizer.finish()
-        finish_reason = chunk.finish_reason
-        matched = None
-        if self._stops is not None:
-            text, matched = self._stops.push(text)
-            if matched is not None:
-                finish_reason = FinishReason.STOP
-            elif chunk.finish_reason is not None:
-                text += self._stops.finish()
-        return TextDelta(
-            request_id=chunk.request_id,
-            text=text,
-            token_ids=chunk.token_ids,
-            token_index=chunk.start_index,
-            finish_reason=finish_reason,
-            matched_stop=matched or "",
-            usage=chunk.usage,
-            error=chunk.error,
-            logprobs=chunk.logprobs,
-        )
-
-
-def _split(chunk: TokenChunk, from_token: int) -> tuple[TokenChunk | None, TokenChunk | None]:
-    """(part the client already has, part to send); either may be None."""
-    if chunk.start_index >= from_token:
-        return None, chunk
-    if chunk.end_index <= from_token and chunk.finish_reason is None:
-        return chunk, None
-    cut = min(len(chunk.token_ids), from_token - chunk.start_index)
-    seen = TokenChunk(chunk.request_id, chunk.start_index, chunk.token_ids[:cut])
-    rest = replace(
-        chunk,
-        start_index=chunk.start_index + cut,
-        token_ids=chunk.token_ids[cut:],
-        logprobs=chunk.logprobs[cut:],
-    )
-    return seen, rest
-
-
-def _merge(deltas: list[TextDelta]) -> TextDelta:
-    """Consecutive deltas of one request as one; the last one's ending wins."""
-    if len(deltas) == 1:
-        return deltas[0]
-    last = deltas[-1]
-    return replace(
-        last,
-        text="".join(d.text for d in deltas),
-        token_ids=tuple(t for d in deltas for t in d.token_ids),
-        token_index=deltas[0].token_index,
-        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
-    )
+    def _run(self) -> None:
+        outage = Backoff()
+        try:
+            while not self._stop.is_set():
+                self._last_turn = time.monotonic()  # waiting for Redis counts as progress
+                try:
+                    self._stage.turn()
+                except QueueUnavailableError:
+                    if not outage.waiting:
+                        logger.warning("queue unavailable; detokenizer waits for Redis")
+                    self._stop.wait(outage.next_delay())
+                    continue
+                if outage.waiting:
+                    logger.info("queue back", extra={"outage_s": round(outage.elapsed_s, 3)})
+                    outage.reset()
+        except BaseException as exc:  # the health check reports it; Serve replaces the replica
+            self._error = exc
+            logger.exception("detokenizer loop died")

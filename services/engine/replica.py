@@ -1,15 +1,18 @@
 """An engine replica: the one place where the engine core meets the Redis queue.
 
 A background thread runs the loop: renew leases, reclaim requests whose holder
-died, pull only as much new work as fits, run one engine step, and write every
-running request's new tokens in one Redis pipeline (which also brings back the
-cancellations). Ray Serve calls ``check_health``; it fails when the loop has not
-made progress for ``stall_after_s``, and Serve then replaces the replica. Its
-requests are left pending in Redis and a live replica resumes them.
+died, pull only as much new work as fits, run one engine step, and hand every
+running request's new tokens to the step writer, which writes them in one Redis
+pipeline (that also acknowledges finished requests and brings back the
+cancellations) while the engine computes the next step. Ray Serve calls
+``check_health``; it fails when the loop has not made progress for
+``stall_after_s``, and Serve then replaces the replica. Its requests are left
+pending in Redis and a live replica resumes them.
 
 When Redis is away the loop keeps what the engine produced in an outbox and
-retries; it never steps further ahead than one unwritten step. On a graceful stop
-the replica finishes what it holds for a while, then hands the rest back.
+retries; it never steps further ahead than one unwritten step (plus the one whose
+write is in flight). On a graceful stop the replica finishes what it holds for a
+while, then hands the rest back.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, Usage
 from services.queue import ClaimedRequest, EngineQueue, QueueConfig
 from services.queue.outage import Backoff
+from services.queue.step_writer import OutputWriter
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +84,9 @@ class EngineReplica:
         self._stall_after_s = stall_after_s
         self._drain_s = drain_s
         self._held: dict[str, _Held] = {}
-        self._outbox: list[TokenChunk] = []  # produced, not yet in Redis
+        self._outbox: list[TokenChunk] = []  # produced, not yet handed to the writer
         self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
+        self._writer = OutputWriter(self.queue, model_name)
         now = time.monotonic()
         self._next_renew = self._next_reclaim = self._next_claim = now
         self._last_progress = time.monotonic()
@@ -125,7 +130,11 @@ class EngineReplica:
             return
         self._draining.set()
         deadline = time.monotonic() + drain_s
-        while self._thread.is_alive() and (self._held or self._outbox) and time.monotonic() < deadline:
+        while (
+            self._thread.is_alive()
+            and (self._held or self._outbox or self._writer.busy)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=10)
@@ -135,7 +144,7 @@ class EngineReplica:
             )
             return
         try:
-            self._flush(poll_cancels=False)
+            self._write_now()
             handed = self.queue.hand_back(
                 self.model_name, self.consumer, [h.entry_id for h in self._held.values()]
             )
@@ -145,6 +154,7 @@ class EngineReplica:
             )
         else:
             logger.info("engine replica stopped", extra={**self._log_context(), "handed_back": handed})
+        self._writer.close()
         self.queue.close()
 
     def __del__(self) -> None:
@@ -180,8 +190,9 @@ class EngineReplica:
 
     def _iterate(self) -> None:
         """One turn of the loop. Any Redis call may raise QueueUnavailableError; whatever the
-        engine produced stays in the outbox and is written first on the next turn."""
-        self._flush(poll_cancels=False)
+        engine produced stays in the outbox and is written before the engine steps again."""
+        if self._outbox or self._unacknowledged:  # left over by an outage, or reclaimed finished
+            self._write_now()
         now = time.monotonic()
         if now >= self._next_renew:
             self._renew_leases()
@@ -192,11 +203,13 @@ class EngineReplica:
         busy = self.engine.has_unfinished()
         room = self._room()
         if room and (not busy or now >= self._next_claim):
-            wait_ms = 0 if busy else IDLE_WAIT_MS
+            wait_ms = 0 if busy or self._writer.busy else IDLE_WAIT_MS
             self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms))
             self._next_claim = now + BUSY_CLAIM_INTERVAL_S
         if self.engine.has_unfinished():
             self._step()
+        else:
+            self._settle()  # the last step's write; nothing to overlap it with
 
     def _room(self) -> int:
         """New requests this replica can take now: free batch slots, and only while nothing
@@ -207,31 +220,44 @@ class EngineReplica:
         return capacity.free_slots
 
     def _step(self) -> None:
+        """Compute step N+1 while step N's output is being written, then hand N+1 over."""
         outputs = self.engine.step()
         self._outbox.extend(self._chunk(out) for out in outputs if out.request_id in self._held)
-        self._flush(poll_cancels=True)
+        self._settle()
+        self._submit(poll_cancels=True)
 
-    def _flush(self, poll_cancels: bool) -> None:
-        """Write the outbox and bring back cancellations in one round trip, then acknowledge the
-        requests whose final chunk is written. Raises QueueUnavailableError with nothing lost:
-        a chunk written twice is harmless (readers skip indices they have), and so is a repeated
-        acknowledgement."""
-        if self._outbox or poll_cancels:
-            finishing = {chunk.request_id for chunk in self._outbox if chunk.finish_reason is not None}
-            running = [rid for rid in self._held if rid not in finishing] if poll_cancels else []
-            cancelled = self.queue.append_and_poll_cancels(self.model_name, self._outbox, running)
+    def _submit(self, poll_cancels: bool) -> None:
+        finishing = {c.request_id for c in self._outbox if c.finish_reason is not None}
+        acknowledged = dict(self._unacknowledged)
+        acknowledged.update((rid, self._held[rid].entry_id) for rid in finishing if rid in self._held)
+        running = [rid for rid in self._held if rid not in finishing] if poll_cancels else []
+        if self._outbox or acknowledged or running:
+            self._writer.submit(self._outbox, acknowledged, running)
             self._outbox = []
-            for request_id in finishing:
-                held = self._held.pop(request_id, None)
-                if held is not None:
-                    self._unacknowledged[request_id] = held.entry_id
-            for request_id in cancelled:
+
+    def _settle(self) -> None:
+        """Apply the result of the write in flight. Raises QueueUnavailableError with nothing
+        lost: its chunks go back to the front of the outbox to be written again."""
+        result = self._writer.settle()
+        if result is None:
+            return
+        if result.error is not None:
+            self._outbox[:0] = result.chunks
+            self._unacknowledged.update(result.acknowledged)
+            raise result.error
+        for request_id in result.acknowledged:
+            self._held.pop(request_id, None)
+            self._unacknowledged.pop(request_id, None)
+        for request_id in result.cancelled:
+            if request_id in self._held:
                 self.engine.abort(request_id)
                 self._end(request_id, FinishReason.ABORT)
-        while self._unacknowledged:
-            request_id, entry_id = next(iter(self._unacknowledged.items()))
-            self.queue.finish(self.model_name, entry_id, request_id)
-            del self._unacknowledged[request_id]
+
+    def _write_now(self) -> None:
+        """Write everything pending and wait for it (after an outage, and on stop)."""
+        self._settle()
+        self._submit(poll_cancels=False)
+        self._settle()
 
     def _chunk(self, out: RequestOutput) -> TokenChunk:
         held = self._held[out.request_id]

@@ -1,9 +1,11 @@
 """The ingress deployment: Ray Serve's gRPC proxy calls the method named like the RPC.
 
 It authenticates, validates, tokenizes (tokenizer deployment), fixes request id
-and seed, applies the tenant's rate limits, enqueues durably in Redis, and
-streams text back through the detokenizer deployment. Everything after
-"accepted" survives the loss of this replica: the request lives in Redis.
+and seed, applies the tenant's rate limits and enqueues durably in Redis. The text
+comes back through Redis too: the detokenizer stage writes it to the request's text
+stream, and this replica's one reader (``TextFanout``) feeds every open call. No Ray
+call carries tokens or text. Everything after "accepted" survives the loss of this
+replica: the request lives in Redis.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
 from services.ingress.ratelimit import RateLimiter
 from services.ingress.status import RpcError, abort, rpc_error_for
+from services.ingress.text_fanout import TextFanout
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
+from services.queue.keys import QueueKeys
 from services.tokenizer.prompt import Prompt
 from services.tokenizer.service import Encoded, ModelInfo
 
@@ -65,8 +69,11 @@ class IngressService:
         self._auth = Authenticator(redis_url, config.queue.key_prefix, cache_ttl_s=config.auth.cache_ttl_s)
         self._limits = RateLimiter(redis_url, config.queue.key_prefix)
         self._tokenizer = tokenizer  # DeploymentHandle[TokenizerService]
-        self._detokenizer = detokenizer  # DeploymentHandle[DetokenizerService]
-        self._engines = engines  # model name -> DeploymentHandle[EngineReplica]; deployed with us
+        # The detokenizer and engines are deployed with us; nothing calls them on the request path.
+        self._detokenizer = detokenizer
+        self._engines = engines
+        wake_key = QueueKeys(config.queue.key_prefix).wake(f"ingress-{uuid.uuid4().hex}")
+        self._texts = TextFanout(self._queue, wake_key, config.queue.reader_outage_s)
         self._models: dict[str, ModelInfo] = {}
         self._seeds = random.SystemRandom()
 
@@ -202,11 +209,11 @@ class IngressService:
     async def _follow(
         self, stream: StreamRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[TextDelta]:
-        """Relay the detokenizer's deltas; a stream that ends early cancels the request."""
+        """Relay the request's text deltas; a stream that ends early cancels the request."""
         finished = False  # True also when the client is told to resume
         next_index = stream.from_token
         try:
-            async for delta in self._detokenizer.stream.options(stream=True).remote(stream):
+            async for delta in self._texts.follow(stream.request_id, stream.from_token):
                 if delta.error:
                     error = RpcError(grpc.StatusCode.ABORTED, f"request failed: {delta.error}")
                     raise abort(grpc_context, error)

@@ -7,18 +7,20 @@ event loop, and a blocked output read must not hold up the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from redis.commands.core import AsyncScript
+from redis.typing import KeyT, StreamIdT
 
 from services.errors import InvalidParameterError, QueueFullError
-from services.messages import GenerationRequest, StreamRequest, TokenChunk
+from services.messages import GenerationRequest, StreamRequest, TextDelta, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.connection import AsyncRedisOwner, async_redis
-from services.queue.keys import ENGINE_GROUP, QueueKeys, check_request_id
+from services.queue.keys import DETOKENIZER_GROUP, ENGINE_GROUP, QueueKeys, check_request_id
 from services.queue.outage import guard_async
-from services.queue.output_stream import OutputCursor, advance
+from services.queue.output_stream import STREAM_START, OutputCursor, advance
 from services.queue.scripts import LuaScript
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class QueueClient(AsyncRedisOwner):
                 keys.active,
                 self._keys.idempotency(request.request_id),
                 self._keys.stream_metadata(request.request_id),
+                self._keys.detokenizer_assignments,
             ],
             args=[
                 request.request_id,
@@ -70,6 +73,7 @@ class QueueClient(AsyncRedisOwner):
                 config.idempotency_ttl_ms,
                 ENGINE_GROUP,
                 codec.encode_stream_request(request),
+                DETOKENIZER_GROUP,
                 *codec.flatten(codec.encode_request(request)),
             ],
         )
@@ -115,6 +119,44 @@ class QueueClient(AsyncRedisOwner):
         reply = await self._redis.xread({key: cursor.entry_id}, count=max_entries, block=block_ms or None)
         entries = codec.decode_chunk_entries(cursor.request_id, codec.stream_entries(reply))
         return advance(cursor, entries)
+
+    @guard_async
+    async def read_texts(
+        self, cursors: Mapping[str, str], wake_key: str, wake_after: str, block_ms: int
+    ) -> tuple[dict[str, list[tuple[str, TextDelta]]], str]:
+        """One blocking read over the text streams of many requests (request id -> last entry
+        id consumed) and a wake-up stream; returns at the first new entry in any of them, with
+        the id of the newest wake-up seen."""
+        streams: dict[KeyT, StreamIdT] = {self._keys.text(rid): entry for rid, entry in cursors.items()}
+        streams[wake_key] = wake_after
+        reply = await self._redis.xread(streams, count=DEFAULT_READ_ENTRIES, block=block_ms or None)
+        by_key = codec.streams_by_key(reply)
+        wakes = by_key.pop(wake_key, None)
+        cut = len(self._keys.text_prefix)
+        texts = {
+            key[cut:]: [
+                (entry_id, codec.decode_text_delta(key[cut:], fields)) for entry_id, fields in entries
+            ]
+            for key, entries in by_key.items()
+        }
+        return texts, wakes[-1][0] if wakes else wake_after
+
+    @guard_async
+    async def read_text_range(self, request_id: str, last_entry_id: str) -> list[TextDelta]:
+        """A request's text entries from the start up to ``last_entry_id`` included."""
+        if last_entry_id == STREAM_START:
+            return []
+        entries = await self._redis.xrange(self._keys.text(request_id), "-", last_entry_id)
+        found = codec.stream_entries([("", entries)])
+        return [codec.decode_text_delta(request_id, fields) for _, fields in found]
+
+    @guard_async
+    async def wake(self, wake_key: str) -> None:
+        """Interrupt the blocking read that follows ``wake_key`` (a new call joined it)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(wake_key, {"w": b"1"}, maxlen=1, approximate=False)
+        pipe.pexpire(wake_key, self._config.output_ttl_ms)
+        await pipe.execute()
 
     @guard_async
     async def stream_request(self, request_id: str) -> StreamRequest | None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from services.errors import InvalidParameterError
-from services.messages import FinishReason, GenerationRequest, StreamRequest, TokenChunk, Usage
+from services.messages import FinishReason, GenerationRequest, StreamRequest, TextDelta, TokenChunk, Usage
 
 CODEC_VERSION = b"1"
 MAX_TOKEN_ID = 2**32 - 1
@@ -32,6 +32,9 @@ FINISH_REASON = "f"
 USAGE = "u"
 ERROR = "e"
 LOGPROBS = "l"
+# Text entry fields (besides the chunk fields above, which keep their meaning).
+TEXT = "x"
+MATCHED_STOP = "m"
 
 Fields = dict[str, bytes]
 RawFields = Mapping[bytes, bytes]
@@ -118,6 +121,53 @@ def decode_chunk(request_id: str, fields: RawFields) -> TokenChunk:
         raise
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise InvalidParameterError("output entry", sorted(fields), f"cannot decode: {exc}") from exc
+
+
+def encode_text_delta(delta: TextDelta) -> Fields:
+    """A text stream entry: the chunk fields of the tokens it renders, plus their text."""
+    chunk = TokenChunk(
+        delta.request_id,
+        delta.token_index,
+        delta.token_ids,
+        delta.finish_reason,
+        delta.usage,
+        delta.error,
+        delta.logprobs,
+    )
+    fields = encode_chunk(chunk)
+    if delta.text:
+        fields[TEXT] = delta.text.encode()
+    if delta.matched_stop:
+        fields[MATCHED_STOP] = delta.matched_stop.encode()
+    return fields
+
+
+def decode_text_delta(request_id: str, fields: RawFields) -> TextDelta:
+    chunk = decode_chunk(request_id, fields)
+    try:
+        text = fields.get(TEXT.encode(), b"").decode()
+        matched = fields.get(MATCHED_STOP.encode(), b"").decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidParameterError("text entry", sorted(fields), f"cannot decode: {exc}") from exc
+    return TextDelta(
+        request_id=request_id,
+        text=text,
+        token_ids=chunk.token_ids,
+        token_index=chunk.start_index,
+        finish_reason=chunk.finish_reason,
+        matched_stop=matched,
+        usage=chunk.usage,
+        error=chunk.error,
+        logprobs=chunk.logprobs,
+    )
+
+
+def streams_by_key(reply: Any) -> dict[str, list[tuple[str, RawFields]]]:
+    """Entries of a multi-stream XREAD reply, by stream key."""
+    return {
+        as_text(key): [(as_text(entry_id), fields) for entry_id, fields in entries if fields is not None]
+        for key, entries in reply or ()
+    }
 
 
 def decode_chunk_entries(

@@ -8,10 +8,10 @@ from typing import TypeVar
 import redis
 import redis.asyncio as aioredis
 
-# One ingress or detokenizer replica serves up to 1000 streams, and each stream waiting for
-# tokens holds a connection for its blocking read: redis-py's default of 100 would turn a
-# busy minute into errors. Past this many, callers wait up to POOL_WAIT_S for a free one.
-MAX_ASYNC_CONNECTIONS = 1100
+# Open streams share one blocking reader per ingress replica, so connections are only needed
+# for concurrent short commands (enqueue, auth, cancel) and that one read. Past this many,
+# callers wait up to POOL_WAIT_S for a free one instead of failing.
+MAX_ASYNC_CONNECTIONS = 64
 POOL_WAIT_S = 5.0
 
 _SyncOwner = TypeVar("_SyncOwner", bound="RedisOwner")

@@ -7,7 +7,7 @@ each step makes exactly one round trip for all of its output and cancellations.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,12 +145,26 @@ class EngineQueue(RedisOwner):
 
     @guard
     def append_and_poll_cancels(
-        self, model: str, chunks: Sequence[TokenChunk], running_ids: Sequence[str]
+        self,
+        model: str,
+        chunks: Sequence[TokenChunk],
+        running_ids: Sequence[str],
+        acknowledged: Mapping[str, str] | None = None,
     ) -> set[str]:
-        """``append`` and ``cancelled`` in the same round trip: the per-step call of an engine."""
+        """The per-step call of an engine, one round trip: append ``chunks``, then acknowledge
+        the requests in ``acknowledged`` (request id -> entry id) whose final chunk is written
+        (by this call or an earlier one) and free their admission slots, and return which of
+        ``running_ids`` a client has cancelled."""
         keys = self._keys.for_model(model)
         pipe = self._redis.pipeline(transaction=False)
         self._queue_chunks(pipe, chunks)
+        finish = self._scripts[LuaScript.FINISH]
+        for request_id, entry_id in (acknowledged or {}).items():
+            finish(
+                keys=[keys.requests, keys.active, keys.cancelled],
+                args=[ENGINE_GROUP, entry_id, request_id],
+                client=pipe,
+            )
         if running_ids:
             pipe.smismember(keys.cancelled, list(running_ids))
         replies = pipe.execute()

@@ -9,6 +9,10 @@ Layout (prefix ``tl``):
 - ``tl:out:{request_id}``  output stream of one request
 - ``tl:idem:{request_id}`` idempotency marker of one request id
 - ``tl:meta:{request_id}`` what a reader needs to resume the request's stream
+- ``tl:text:{request_id}`` text stream of one request (detokenizer -> ingress)
+- ``tl:detok:assign``      one entry per accepted request; consumer group ``detokenizers``:
+                           the detokenizer replica that holds an entry owns that request's text
+- ``tl:wake:{replica}``    an ingress replica's wake-up stream (new open calls join its read)
 
 Per-model suffixes contain no ``:``, so two models can never share a key. Only a
 model whose first segment is a shared namespace (``out``, ``idem``) could collide
@@ -22,7 +26,10 @@ from dataclasses import dataclass
 from services.errors import InvalidParameterError
 
 ENGINE_GROUP = "engines"
-_SHARED_NAMESPACES = frozenset({"out", "idem", "meta", "auth", "ratelimit"})
+DETOKENIZER_GROUP = "detokenizers"
+_SHARED_NAMESPACES = frozenset(
+    {"out", "idem", "meta", "auth", "ratelimit", "text", "detok", "wake", "registry"}
+)
 MAX_NAME_CHARS = 512
 
 
@@ -50,7 +57,15 @@ class QueueKeys:
 
     def output(self, request_id: str) -> str:
         check_request_id(request_id)
-        return f"{self.prefix}:out:{request_id}"
+        return f"{self.output_prefix}{request_id}"
+
+    @property
+    def output_prefix(self) -> str:
+        return f"{self.prefix}:out:"
+
+    @property
+    def text_prefix(self) -> str:
+        return f"{self.prefix}:text:"
 
     def idempotency(self, request_id: str) -> str:
         check_request_id(request_id)
@@ -59,6 +74,18 @@ class QueueKeys:
     def stream_metadata(self, request_id: str) -> str:
         check_request_id(request_id)
         return f"{self.prefix}:meta:{request_id}"
+
+    def text(self, request_id: str) -> str:
+        check_request_id(request_id)
+        return f"{self.text_prefix}{request_id}"
+
+    @property
+    def detokenizer_assignments(self) -> str:
+        return f"{self.prefix}:detok:assign"
+
+    def wake(self, replica: str) -> str:
+        check_request_id(replica)
+        return f"{self.prefix}:wake:{replica}"
 
 
 def check_request_id(request_id: str) -> None:

@@ -26,11 +26,13 @@ local function release(requests, active, cancelled, group, entry_id, request_id)
 end
 """
 
-# KEYS: requests, active, idempotency, stream metadata
-# ARGV: request_id, max_depth, idempotency_ttl_ms, group, stream_metadata, field, value, ...
+# KEYS: requests, active, idempotency, stream metadata, detokenizer assignments
+# ARGV: request_id, max_depth, idempotency_ttl_ms, group, stream_metadata, detokenizer group,
+#       field, value, ...
 # Returns {'accepted', entry_id} | {'duplicate', entry_id} | {'full', depth}.
-# The stream metadata (model, stop strings, prompt length) lets a client that lost its
-# stream resume it by request id alone; it lives as long as the idempotency marker.
+# The stream metadata (model, stop strings, prompt length) tells the detokenizer how to
+# render the request, and lets a client that lost its stream resume it by request id alone;
+# it lives as long as the idempotency marker.
 _ENQUEUE = """
 local request_id = ARGV[1]
 local known = redis.call('GET', KEYS[3]) or redis.call('HGET', KEYS[2], request_id)
@@ -45,7 +47,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   -- group from id 0: nothing appended from here on can be missed by the engines
   redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[4], '0', 'MKSTREAM')
 end
-local entry_id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
+local entry_id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7))
+if redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[5], ARGV[6], '0', 'MKSTREAM')
+end
+-- the same accept hands the request's text to exactly one detokenizer replica
+redis.call('XADD', KEYS[5], '*', 'id', request_id)
 redis.call('HSET', KEYS[2], request_id, entry_id)
 redis.call('SET', KEYS[3], entry_id, 'PX', ARGV[3])
 redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])

@@ -1,0 +1,163 @@
+"""The return path on a real redis-server: detokenizer stage ownership and takeover, and one
+text reader per ingress replica, fed by real token streams and a real BPE tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.detokenizer.stage import DetokenizerStage
+from services.ingress.text_fanout import TextFanout
+from services.messages import FinishReason, GenerationRequest, SamplingParams, TextDelta, TokenChunk, Usage
+from services.queue import EngineQueue, QueueClient, QueueConfig
+from services.queue.detokenizer_queue import DetokenizerQueue
+from services.queue.keys import QueueKeys
+from services.tokenizer import PromptTokenizer
+from tests.bpe_tokenizer import write_bpe_checkpoint
+
+MODEL = "demo"
+TEXT = "今天天气很好 — Zürich 👍🏽, then some plain words and 日本語 again."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PromptTokenizer:
+    directory: Path = write_bpe_checkpoint(tmp_path_factory.mktemp("bpe"))
+    return PromptTokenizer(directory)
+
+
+def _enqueue(url: str, config: QueueConfig, request_ids: list[str], stop: tuple[str, ...] = ()) -> None:
+    async def main() -> None:
+        async with QueueClient(url, config) as client:
+            for request_id in request_ids:
+                params = SamplingParams(temperature=0.0, max_tokens=500, stop=stop)
+                await client.enqueue(GenerationRequest(request_id, MODEL, (1, 2, 3), params))
+
+    asyncio.run(main())
+
+
+def _write_tokens(url: str, request_id: str, ids: list[int], start: int, final: bool) -> None:
+    with EngineQueue(url) as queue:
+        finish = FinishReason.LENGTH if final else None
+        usage = Usage(3, start + len(ids)) if final else None
+        queue.append([TokenChunk(request_id, start, tuple(ids), finish, usage)])
+
+
+def _text_entries(url: str, request_id: str) -> list[TextDelta]:
+    from services.queue import codec
+
+    with redis.Redis.from_url(url) as client:
+        entries = client.xrange(QueueKeys().text(request_id))
+    return [codec.decode_text_delta(request_id, fields) for _, fields in entries]
+
+
+def _stage(url: str, config: QueueConfig, tokenizer: PromptTokenizer, consumer: str) -> DetokenizerStage:
+    queue = DetokenizerQueue(url, config)
+    queue.ensure_group()
+    return DetokenizerStage({MODEL: tokenizer}, queue, consumer, config.lease_s)
+
+
+def test_one_stage_renders_many_requests_exactly(redis_url: str, tokenizer: PromptTokenizer) -> None:
+    config = QueueConfig()
+    ids = tokenizer.encode_text(TEXT, add_special_tokens=False)
+    requests = [f"r{i}" for i in range(20)]
+    _enqueue(redis_url, config, requests)
+    stage = _stage(redis_url, config, tokenizer, "a")
+    for start in range(0, len(ids), 3):  # chunks of three tokens, as steps write them
+        for request_id in requests:
+            _write_tokens(redis_url, request_id, ids[start : start + 3], start, start + 3 >= len(ids))
+        stage.turn()
+    while stage.owned_request_ids:
+        stage.turn()
+    for request_id in requests:
+        entries = _text_entries(redis_url, request_id)
+        assert "".join(e.text for e in entries) == tokenizer.decode(ids)
+        starts = [e.token_index for e in entries]
+        assert starts == sorted(starts) and entries[-1].finish_reason == FinishReason.LENGTH
+        assert [t for e in entries for t in e.token_ids] == ids, "every token once, in order"
+
+
+def test_takeover_rebuilds_state_from_the_token_stream(redis_url: str, tokenizer: PromptTokenizer) -> None:
+    """Replica A renders half of the output and dies (stops renewing); B takes the request over
+    after the lease and continues the text stream with no gap and no repeat."""
+    config = QueueConfig(lease_s=0.3)
+    ids = tokenizer.encode_text(TEXT, add_special_tokens=False)
+    half = len(ids) // 2
+    _enqueue(redis_url, config, ["t"])
+    dead = _stage(redis_url, config, tokenizer, "dead")
+    _write_tokens(redis_url, "t", ids[:half], 0, final=False)
+    dead.turn()
+    dead.turn()
+    assert dead.owned_request_ids == ("t",)
+    written = _text_entries(redis_url, "t")
+    assert written, "the first owner wrote text before it died"
+    _write_tokens(redis_url, "t", ids[half:], half, final=True)
+    live = _stage(redis_url, config, tokenizer, "live")
+    live.turn()
+    assert live.owned_request_ids == (), "a held assignment is not taken before its lease runs out"
+    for _ in range(50):
+        asyncio.run(asyncio.sleep(0.05))
+        live.turn()
+        if not live.owned_request_ids and _text_entries(redis_url, "t")[-1].finish_reason:
+            break
+    entries = _text_entries(redis_url, "t")
+    assert "".join(e.text for e in entries) == tokenizer.decode(ids)
+    assert [t for e in entries for t in e.token_ids] == ids
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.xpending(QueueKeys().detokenizer_assignments, "detokenizers")["pending"] == 0
+
+
+def test_stop_string_ends_the_text_and_cancels_the_engine(redis_url: str, tokenizer: PromptTokenizer) -> None:
+    config = QueueConfig()
+    ids = tokenizer.encode_text(TEXT, add_special_tokens=False)
+    _enqueue(redis_url, config, ["s"], stop=("Zürich",))
+    stage = _stage(redis_url, config, tokenizer, "a")
+    _write_tokens(redis_url, "s", ids, 0, final=False)
+    stage.turn()
+    stage.turn()
+    entries = _text_entries(redis_url, "s")
+    assert "".join(e.text for e in entries) == TEXT.split("Zürich")[0]
+    assert entries[-1].matched_stop == "Zürich" and entries[-1].finish_reason == FinishReason.STOP
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.sismember(QueueKeys().for_model(MODEL).cancelled, "s"), "the engine is told to stop"
+
+
+def test_one_reader_feeds_512_open_streams_with_few_connections(redis_url: str) -> None:
+    """512 calls follow their text on one QueueClient: every stream completes in order, and
+    the client never holds more than a handful of Redis connections."""
+    count, pieces = 512, 6
+    config = QueueConfig()
+    keys = QueueKeys()
+
+    async def main() -> tuple[list[str], int]:
+        async with QueueClient(redis_url, config) as client:
+            fanout = TextFanout(client, keys.wake("test-ingress"), outage_limit_s=5.0)
+
+            async def follow(request_id: str) -> str:
+                received = []
+                async for delta in fanout.follow(request_id):
+                    received.append(delta.text)
+                return "".join(received)
+
+            followers = [asyncio.create_task(follow(f"f{i}")) for i in range(count)]
+            await asyncio.sleep(0.2)
+            peak = 0
+            with redis.Redis.from_url(redis_url) as writer:
+                for piece in range(pieces):
+                    pipe = writer.pipeline(transaction=False)
+                    for i in range(count):
+                        final = piece == pieces - 1
+                        fields = {"s": str(piece).encode(), "t": b"\0\0\0\0", "x": f"<{piece}>".encode()}
+                        if final:
+                            fields["f"] = b"length"
+                        pipe.xadd(keys.text(f"f{i}"), fields)
+                    pipe.execute()
+                    await asyncio.sleep(0.05)
+                    peak = max(peak, sum(1 for c in writer.client_list() if c["cmd"] != "client|list"))
+            return await asyncio.gather(*followers), peak
+
+    texts, peak_connections = asyncio.run(main())
+    assert texts == ["".join(f"<{p}>" for p in range(pieces))] * count
+    assert peak_connections <= 8, f"{peak_connections} Redis connections for {count} open streams"
