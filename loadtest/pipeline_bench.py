@@ -51,17 +51,22 @@ __all__ = ["demo_prompts", "main", "run_pipeline_benchmark", "run_plan"]
 
 
 def run_pipeline_benchmark(
-    quick: bool, json_path: Path | None, *, model_path: str | None = None
+    quick: bool, json_path: Path | None, *, model_path: str | None = None, grpc_ingress: str | None = None
 ) -> dict[str, Any]:
     """Run the benchmark, print the table, write JSON to ``json_path`` if given; return the results.
 
     ``model_path``: a checkpoint directory with a tokenizer; None builds (or reuses) the demo model.
     """
-    return run_plan(plan_for(quick), json_path, model_path=model_path, log=_stderr)
+    return run_plan(plan_for(quick), json_path, model_path=model_path, log=_stderr, grpc_ingress=grpc_ingress)
 
 
 def run_plan(
-    plan: PipelinePlan, json_path: Path | None, *, model_path: str | None, log: Log
+    plan: PipelinePlan,
+    json_path: Path | None,
+    *,
+    model_path: str | None,
+    log: Log,
+    grpc_ingress: str | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -74,7 +79,9 @@ def run_plan(
     workload = make_workload(plan, tokenizer)
 
     in_process, samples = run_in_process_side(path, settings, workload, log)
-    stack, stack_samples, extra = run_stack_side(path, settings, workload, plan.probe_samples, log)
+    stack, stack_samples, extra = run_stack_side(
+        path, settings, workload, plan.probe_samples, log, grpc_ingress
+    )
     samples.update(stack_samples)
     samples["tokenize_encode"] = probe_tokenizer(tokenizer, workload.all_texts(), plan.probe_samples)
     samples["detokenize_push"] = probe_detokenizer(tokenizer, in_process.outputs[LOW])
@@ -122,8 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    parser.add_argument(
+        "--grpc-ingress", choices=("haproxy", "direct", "proxy"), default=None, help="default: AppConfig's"
+    )
     args = parser.parse_args(argv)
-    run_pipeline_benchmark(args.quick, args.json, model_path=args.model)
+    run_pipeline_benchmark(args.quick, args.json, model_path=args.model, grpc_ingress=args.grpc_ingress)
     return 0
 
 

@@ -183,16 +183,25 @@ def run_in_process_side(
 
 
 def run_stack_side(
-    path: str, settings: EngineSettings, workload: Workload, probe_samples: int, log: Log
+    path: str,
+    settings: EngineSettings,
+    workload: Workload,
+    probe_samples: int,
+    log: Log,
+    grpc_ingress: str | None = None,
 ) -> tuple[Side, dict[str, list[float]], dict[str, Any]]:
     """The stack side; also the stage probes that need the live stack, and the replica's step
     count and the CPU per process during the c=16 run (``extra``)."""
     from services.server import running_stack
 
     side = Side()
-    config = stack_config(path, settings)
-    extra: dict[str, Any] = {"stack_engine_loop": {}, "cpu_during_stack_c16": {}}
-    log("starting the stack: private Redis, local Ray, Serve gRPC, 1 engine replica")
+    config = stack_config(path, settings, grpc_ingress)
+    extra: dict[str, Any] = {
+        "stack_engine_loop": {},
+        "cpu_during_stack_c16": {},
+        "grpc_ingress": config.grpc_ingress,
+    }
+    log(f"starting the stack: private Redis, local Ray, Serve gRPC ({config.grpc_ingress}), 1 engine replica")
     with running_stack(config) as running:
         api_key = issue_api_key(running.config)
         wait_ready(running.grpc_target, api_key)

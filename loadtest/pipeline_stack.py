@@ -23,11 +23,13 @@ def free_port() -> int:
         return port
 
 
-def stack_config(model_path: str, settings: EngineSettings) -> AppConfig:
+def stack_config(model_path: str, settings: EngineSettings, grpc_ingress: str | None = None) -> AppConfig:
+    """One engine replica; ``grpc_ingress`` None keeps AppConfig's default."""
     from services.config import AppConfig, ModelConfig
 
     model = ModelConfig(name=MODEL_NAME, path=model_path, engine_replicas=1, engine=settings)
-    return AppConfig(models=(model,), grpc_port=free_port())
+    ingress = {} if grpc_ingress is None else {"grpc_ingress": grpc_ingress}
+    return AppConfig.model_validate({"models": (model,), "grpc_port": free_port(), **ingress})
 
 
 def issue_api_key(config: AppConfig) -> str:

@@ -21,10 +21,14 @@ class RequestTrace:
     start: float = 0.0
     token_times: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    messages: int = 0  # deliveries that carried tokens (a step's output, a stream message)
+    message_times: list[float] = field(default_factory=list)  # one per delivery that carried tokens
+
+    @property
+    def messages(self) -> int:
+        return len(self.message_times)
 
     def add(self, when: float, token_ids: Sequence[int]) -> None:
-        self.messages += 1
+        self.message_times.append(when)
         self.token_times.extend([when] * len(token_ids))
         self.token_ids.extend(token_ids)
 
@@ -34,7 +38,9 @@ class RequestTrace:
 
     @property
     def itls_s(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+        """Gaps between consecutive deliveries, as vLLM's serving benchmark counts inter-token
+        latency: a message carrying k tokens is one gap, not k - 1 gaps of zero."""
+        return [b - a for a, b in zip(self.message_times, self.message_times[1:], strict=False)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -55,12 +61,12 @@ def summarize(traces: Sequence[RequestTrace]) -> dict[str, float]:
     done = [t for t in traces if t.token_times]
     if any(len(t.token_times) < 2 for t in done) or not done:
         raise ValueError("every request needs 2 tokens or more: inter-token latency is undefined otherwise")
-    itls = [gap for t in done for gap in t.itls_s]
+    itls = [gap for t in done for gap in t.itls_s] or [0.0]
     start, end = min(t.start for t in done), max(t.token_times[-1] for t in done)
     tokens = sum(len(t.token_times) for t in done)
     ttfts = [t.ttft_s for t in done]
     e2e = [t.token_times[-1] - t.start for t in done]
-    # time per output token after the first, per request: unlike ITL, blind to how tokens are bunched
+    # TPOT = (e2e - TTFT) / (tokens - 1) per request: unlike ITL, blind to how tokens are bunched
     tpots = [(t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1) for t in done]
     return {
         "requests": len(done),
@@ -73,6 +79,7 @@ def summarize(traces: Sequence[RequestTrace]) -> dict[str, float]:
         "itl_p99_ms": 1e3 * percentile(itls, 99),
         "itl_mean_ms": 1e3 * sum(itls) / len(itls),
         "tpot_p50_ms": 1e3 * percentile(tpots, 50),
+        "tpot_p99_ms": 1e3 * percentile(tpots, 99),
         "tokens_per_message": tokens / sum(t.messages for t in done),
         "e2e_p50_ms": 1e3 * percentile(e2e, 50),
     }

@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     pipeline = bench_kinds.add_parser("pipeline", help="the whole stack over gRPC vs the engine in-process")
     pipeline.add_argument("--json", type=Path, default=None, help="write the results here")
     pipeline.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
+    pipeline.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    pipeline.add_argument(
+        "--grpc-ingress", choices=("haproxy", "direct", "proxy"), default=None, help="default: the app's"
+    )
     pipeline.set_defaults(handler=_bench_pipeline)
     soak = bench_kinds.add_parser(
         "soak", help="the whole stack under steady load for N minutes: memory of every process"
@@ -90,7 +94,9 @@ def _bench_engine(args: argparse.Namespace) -> int:
 def _bench_pipeline(args: argparse.Namespace) -> int:
     from loadtest.pipeline_bench import run_pipeline_benchmark
 
-    run_pipeline_benchmark(quick=args.quick, json_path=args.json)
+    run_pipeline_benchmark(
+        quick=args.quick, json_path=args.json, model_path=args.model, grpc_ingress=args.grpc_ingress
+    )
     return 0
 
 

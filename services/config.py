@@ -121,7 +121,15 @@ class AppConfig(BaseModel):
     redis_url: str = Field(
         default="", description="Redis URL; '' makes `tokenline serve` start a private one."
     )
-    grpc_port: int = Field(default=50051, ge=0, le=65535, description="Port of Ray Serve's gRPC proxy.")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="The gRPC port clients dial.")
+    grpc_ingress: Literal["haproxy", "direct", "proxy"] = Field(
+        default="haproxy",
+        description="How calls reach the ingress replicas. 'haproxy': Ray Serve's direct ingress (each "
+        "ingress replica serves gRPC itself) behind HAProxy, which listens on grpc_port on every node: "
+        "no Python hop, a stable port across replica restarts (needs the haproxy binary). 'direct': the "
+        "ingress replicas' own ports, from grpc_port up; a restarted replica may come back on another "
+        "port. 'proxy': Ray Serve's Python gRPC proxy on grpc_port, one Ray streaming hop per message.",
+    )
     grpc_max_message_bytes: int = Field(
         default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
     )

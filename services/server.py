@@ -22,6 +22,9 @@ from services.queue import RedisServer
 logger = logging.getLogger(__name__)
 
 RAY_GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+DIRECT_INGRESS_PORTS = 100
 
 
 @dataclass(frozen=True)
@@ -45,15 +48,48 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             config = config.model_copy(update={"redis_url": redis_server.url})
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
+            os.environ.update(ingress_environment(config))
             ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
-            http_options={"host": "127.0.0.1", "port": 0},
+            http_options={"host": "127.0.0.1", "port": http_port(config)},
         )
         stack.callback(serve.shutdown)
         serve.run(build_app(config), name=config.app_name)
         yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", redis_server)
+
+
+def ingress_environment(config: AppConfig) -> dict[str, str]:
+    """The Ray Serve settings behind ``grpc_ingress``. Serve reads them from the environment of
+    its controller and replicas only; a local Ray started here inherits this process's, and
+    on an existing cluster they must be set where Ray runs (cluster/ and the Helm chart do)."""
+    if config.grpc_ingress == "proxy":
+        return {DIRECT_INGRESS_ENV: "0", HA_PROXY_ENV: "0"}
+    first = config.grpc_port + 1 if config.grpc_ingress == "haproxy" else config.grpc_port
+    return {
+        DIRECT_INGRESS_ENV: "1",
+        HA_PROXY_ENV: "1" if config.grpc_ingress == "haproxy" else "0",
+        # Ingress replicas take ports from here; behind HAProxy clients never see them.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(first),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(first + DIRECT_INGRESS_PORTS),
+        # A freed port may be reused at once: without HAProxy, a replacement replica then comes
+        # back on the port its clients dial.
+        "RAY_SERVE_PORT_QUARANTINE_S": "0" if config.grpc_ingress == "direct" else "60",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(config.grpc_max_message_bytes),
+        # HAProxy's own listeners, next to the replicas' range rather than on fixed ports, so
+        # that two stacks on one machine do not collide.
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(first + DIRECT_INGRESS_PORTS + 1),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(first + DIRECT_INGRESS_PORTS + 2),
+    }
+
+
+def http_port(config: AppConfig) -> int:
+    """Serve's HTTP listener (unused by tokenline, but Serve always starts one): any free port
+    for its Python proxy, a fixed one behind HAProxy, which cannot bind port 0."""
+    if config.grpc_ingress == "proxy":
+        return 0
+    return config.grpc_port + DIRECT_INGRESS_PORTS + 4
 
 
 def _set_proxy_message_limit(max_bytes: int) -> None:
