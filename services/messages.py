@@ -247,6 +247,36 @@ class TextDelta:
     usage: Usage | None = None
     error: str = ""
     logprobs: tuple[float, ...] = ()
+    # (tokens, characters) of each engine chunk this delta joins, in order; empty: one piece.
+    # They let a reader that resumes inside a delta cut its text where its tokens start.
+    pieces: tuple[tuple[int, int], ...] = ()
+
+    def piece_sizes(self) -> tuple[tuple[int, int], ...]:
+        return self.pieces or ((len(self.token_ids), len(self.text)),)
+
+    def from_token(self, index: int) -> TextDelta | None:
+        """The part for tokens ``index`` on (None when nothing of it is left and it is not the
+        last delta). Text is cut at the first piece that reaches ``index``: exact when pieces
+        hold one token each, as an engine step writes them."""
+        if index <= self.token_index:
+            return self
+        if self.token_index + len(self.token_ids) <= index and self.finish_reason is None:
+            return None
+        tokens, chars, kept = 0, 0, []
+        for size in self.piece_sizes():
+            if self.token_index + tokens + size[0] > index:
+                kept.append(size)
+            else:
+                tokens, chars = tokens + size[0], chars + size[1]
+        cut = min(len(self.token_ids), index - self.token_index)
+        return replace(
+            self,
+            text=self.text[chars:],
+            token_ids=self.token_ids[cut:],
+            token_index=self.token_index + cut,
+            logprobs=self.logprobs[cut:],
+            pieces=tuple(kept),
+        )
 
 
 def merge_text_deltas(deltas: Sequence[TextDelta]) -> TextDelta:
@@ -260,4 +290,5 @@ def merge_text_deltas(deltas: Sequence[TextDelta]) -> TextDelta:
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         token_index=deltas[0].token_index,
         logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+        pieces=tuple(size for d in deltas for size in d.piece_sizes()),
     )

@@ -161,3 +161,21 @@ def test_one_reader_feeds_512_open_streams_with_few_connections(redis_url: str) 
     texts, peak_connections = asyncio.run(main())
     assert texts == ["".join(f"<{p}>" for p in range(pieces))] * count
     assert peak_connections <= 8, f"{peak_connections} Redis connections for {count} open streams"
+
+
+def test_a_resume_inside_a_delta_cuts_tokens_and_text_at_the_piece() -> None:
+    """Pieces of one token each (as engine steps write them): a cut at any index gives exactly
+    the tokens from there and the text those tokens completed (held-back text moves with the
+    token that completes it)."""
+    delta = TextDelta(
+        "r", text="ab€d", token_ids=(5, 6, 7, 8), token_index=10, pieces=((1, 2), (1, 0), (1, 1), (1, 1))
+    )
+    assert delta.from_token(10) == delta
+    cut = delta.from_token(12)
+    assert cut is not None and (cut.token_ids, cut.text, cut.token_index) == ((7, 8), "€d", 12)
+    cut = delta.from_token(11)
+    assert cut is not None and (cut.token_ids, cut.text) == ((6, 7, 8), "€d")
+    assert delta.from_token(14) is None, "nothing left and not the last delta"
+    last = TextDelta("r", text="xy", token_ids=(1, 2), token_index=0, finish_reason=FinishReason.LENGTH)
+    end = last.from_token(99)
+    assert end is not None and (end.token_ids, end.text, end.finish_reason) == ((), "", FinishReason.LENGTH)

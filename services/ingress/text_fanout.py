@@ -39,11 +39,7 @@ class _Subscription:
         if self.backlog is not None:
             self.backlog.extend(deltas)
             return
-        wanted = [
-            d
-            for d in deltas
-            if d.token_index + len(d.token_ids) > self.from_token or d.finish_reason is not None
-        ]
+        wanted = [part for d in deltas if (part := d.from_token(self.from_token)) is not None]
         if wanted:
             self.inbox.put_nowait(merge_text_deltas(wanted))
 
@@ -68,8 +64,7 @@ class TextFanout:
         """The request's text deltas from output token ``from_token`` on, until the last one.
 
         Raises QueueUnavailableError when Redis stays away longer than the outage limit.
-        A message never splits a text entry, so a ``from_token`` inside one (not a boundary
-        of messages this server sent) gets that whole entry; its ``token_index`` says so.
+        A ``from_token`` inside a text entry cuts it (``TextDelta.from_token``).
         """
         subscription = _Subscription(from_token)
         shared_cursor = self._cursors.get(request_id)

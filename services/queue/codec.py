@@ -35,6 +35,7 @@ LOGPROBS = "l"
 # Text entry fields (besides the chunk fields above, which keep their meaning).
 TEXT = "x"
 MATCHED_STOP = "m"
+PIECES = "o"
 
 Fields = dict[str, bytes]
 RawFields = Mapping[bytes, bytes]
@@ -139,6 +140,8 @@ def encode_text_delta(delta: TextDelta) -> Fields:
         fields[TEXT] = delta.text.encode()
     if delta.matched_stop:
         fields[MATCHED_STOP] = delta.matched_stop.encode()
+    if len(delta.pieces) > 1:
+        fields[PIECES] = pack_token_ids("pieces", [n for size in delta.pieces for n in size])
     return fields
 
 
@@ -147,6 +150,7 @@ def decode_text_delta(request_id: str, fields: RawFields) -> TextDelta:
     try:
         text = fields.get(TEXT.encode(), b"").decode()
         matched = fields.get(MATCHED_STOP.encode(), b"").decode()
+        flat = unpack_token_ids(PIECES, fields.get(PIECES.encode(), b""))
     except UnicodeDecodeError as exc:
         raise InvalidParameterError("text entry", sorted(fields), f"cannot decode: {exc}") from exc
     return TextDelta(
@@ -159,6 +163,7 @@ def decode_text_delta(request_id: str, fields: RawFields) -> TextDelta:
         usage=chunk.usage,
         error=chunk.error,
         logprobs=chunk.logprobs,
+        pieces=tuple(zip(flat[::2], flat[1::2], strict=True)),
     )
 
 
