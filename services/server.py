@@ -45,7 +45,8 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             config = config.model_copy(update={"redis_url": redis_server.url})
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
-            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            with _keeping_stop_signal_handlers():
+                ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
@@ -54,6 +55,26 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         stack.callback(serve.shutdown)
         serve.run(build_app(config), name=config.app_name)
         yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", redis_server)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _keeping_stop_signal_handlers() -> Iterator[None]:
+    """Put back the caller's SIGINT/SIGTERM handlers after ``ray.init``, which replaces
+    them: its driver's SIGTERM handler exits at once and its core worker's crash handler
+    aborts the process, either way without the teardown that stops the private Redis."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and ray.init then sets none)
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # Re-installing also replaces a handler set below Python (sigaction in C++).
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _set_proxy_message_limit(max_bytes: int) -> None:
@@ -79,7 +100,7 @@ def _issue_local_key(config: AppConfig) -> None:
 
 def run_server(config: AppConfig, ray_address: str | None = None) -> int:
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: stop.set())
     with running_stack(config, ray_address) as stack:
         if stack.private_redis and stack.config.auth.enabled:
