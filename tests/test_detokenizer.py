@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,14 @@ class WindowRecorder:
     def decode(self, token_ids: Sequence[int]) -> str:
         self.window_sizes.append(len(token_ids))
         return self._tokenizer.decode(token_ids)
+
+    @property
+    def skipped_token_ids(self) -> frozenset[int]:
+        return self._tokenizer.skipped_token_ids
+
+    @property
+    def byte_fallback_values(self) -> Mapping[int, int]:
+        return self._tokenizer.byte_fallback_values
 
 
 @pytest.fixture(scope="module")

@@ -1,34 +1,43 @@
 """Token ids -> text deltas, one step at a time.
 
 The deltas of one sequence always concatenate to the one-shot
-``decode(all_ids)`` (special tokens skipped). Two things make that harder than
-decoding each new token on its own:
+``decode(all_ids)`` (special tokens skipped), however the ids are split into
+pushes. Three things make that harder than decoding each new token on its own:
 
 - A character can be split across tokens (byte-level BPE encodes UTF-8 bytes;
   an emoji is often two to four tokens). Decoding the first part alone gives
   U+FFFD. Such a tail is held back until the character completes.
 - A token's text can depend on its neighbours (SentencePiece-style decoders
   strip the space of the first token; WordPiece joins ``##`` pieces).
+- SentencePiece with byte fallback (Llama 2, Mistral) decodes a whole run of
+  ``<0xNN>`` tokens at once, and renders *every* token of the run as U+FFFD when
+  any byte sequence in it is invalid, so a character completed early in a run
+  can still turn into U+FFFD later (see byte_runs.py).
 
-Both are handled by decoding a short window: a few *context* tokens whose
-text was already emitted, followed by the *pending* tokens whose text was not
-(fully) emitted. The pending text is the window's text minus the context's
+The first two are handled by decoding a short window: a few *context* tokens
+whose text was already emitted, followed by the *pending* tokens whose text was
+not (fully) emitted. The pending text is the window's text minus the context's
 text; its decode sees the same neighbours as the one-shot decode, and any
 garbling at the window's start (a character cut in half) stays inside the
 context. Each step decodes a window of a few tokens, so the cost per token does
 not grow with the length of the output.
 
-Exact for byte-level BPE (Llama 3, Qwen2/3) on any id sequence, invalid UTF-8
-included. SentencePiece byte-fallback decoders render a whole run of byte
-tokens as U+FFFD once any byte in it is invalid, including characters already
-emitted; for them the stream is exact as long as the model's bytes form valid
-UTF-8.
+For the third, with a byte-fallback decoder the context and the pending tokens
+are never split inside one run of byte tokens. A run whose bytes are valid so
+far is held back until it ends (the next token is not a byte token) or turns
+invalid; an invalid run is final, one U+FFFD per token, from then on.
+
+Special tokens decode to nothing wherever they stand, so they are dropped on
+arrival. Exact on any id sequence, invalid UTF-8 included, for byte-level BPE
+(Llama 3, Qwen2/3) and for byte-fallback SentencePiece (Llama 2, Mistral).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+from services.detokenizer.byte_runs import ByteRunTracker
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -45,9 +54,20 @@ _MAX_PENDING_TOKENS = 2 * _MAX_CHAR_TOKENS
 
 
 class TokenDecoder(Protocol):
-    """Decodes token ids to text without special tokens (``PromptTokenizer`` is one)."""
+    """Decodes token ids to text without special tokens (``PromptTokenizer`` and
+    ``TextDecoder`` are ones)."""
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    @property
+    def skipped_token_ids(self) -> frozenset[int]:
+        """Ids ``decode`` leaves out wherever they stand."""
+        ...
+
+    @property
+    def byte_fallback_values(self) -> Mapping[int, int]:
+        """Byte value of each ``<0xNN>`` id of a byte-fallback decoder; empty otherwise."""
+        ...
 
 
 class IncrementalDetokenizer:
@@ -55,29 +75,55 @@ class IncrementalDetokenizer:
 
     def __init__(self, decoder: TokenDecoder) -> None:
         self._decoder = decoder
-        self._ids: list[int] = []
+        self._skipped = decoder.skipped_token_ids
+        byte_values = decoder.byte_fallback_values
+        self._byte_runs = ByteRunTracker(byte_values) if byte_values else None
+        self._num_pushed = 0
+        self._ids: list[int] = []  # pushed ids without the skipped ones
         self._window_start = 0  # first context token
         self._pending_start = 0  # first token whose text was not fully emitted
         self._context_text = ""  # decode(ids[window_start:pending_start])
         self._emitted_pending = 0  # characters of the pending text already emitted
+        # Byte fallback only: the emitted text ends inside a run of byte tokens that is
+        # already invalid, so the pending tokens that continue it are U+FFFD each.
+        self._in_invalid_run = False
 
     @property
     def num_tokens(self) -> int:
-        """How many ids have been pushed."""
-        return len(self._ids)
+        """How many ids have been pushed (special tokens included)."""
+        return self._num_pushed
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add the next ids; return the text that is now certain and not yet emitted."""
-        if not token_ids:
+        self._num_pushed += len(token_ids)
+        kept = [token for token in token_ids if token not in self._skipped]
+        if not kept:
             return ""
-        self._ids.extend(token_ids)
+        self._ids.extend(kept)
+        if self._byte_runs is not None:
+            self._byte_runs.extend(kept)
+            return self._advance_byte_fallback(self._byte_runs, final=False)
+        return self._advance_byte_level()
+
+    def finish(self) -> str:
+        """Flush the held-back tail: the sequence has ended, so an incomplete
+        character is final and is emitted as the decoder renders it (U+FFFD)."""
+        if self._byte_runs is not None:
+            return self._advance_byte_fallback(self._byte_runs, final=True)
+        if self._pending_start == len(self._ids):
+            return ""
+        delta = self._pending_text()[self._emitted_pending :]
+        self._settle(len(self._ids))
+        return delta
+
+    def _advance_byte_level(self) -> str:
+        """Emit the pending text up to a trailing U+FFFD that may still be a character
+        being completed (the incomplete end of a byte sequence is all that can change)."""
         pending = self._pending_text()
         if not pending.endswith(REPLACEMENT_CHAR):
             delta = pending[self._emitted_pending :]
             self._settle(len(self._ids))
             return delta
-        # The trailing U+FFFD may be a character still being completed; everything
-        # before it is final (only the incomplete end of a byte sequence can change).
         certain = pending.rstrip(REPLACEMENT_CHAR)
         delta = certain[self._emitted_pending :]
         self._emitted_pending = max(self._emitted_pending, len(certain))
@@ -85,15 +131,35 @@ class IncrementalDetokenizer:
             delta += self._settle_degenerate_tail(pending)
         return delta
 
-    def finish(self) -> str:
-        """Flush the held-back tail: the sequence has ended, so an incomplete
-        character is final and is emitted as the decoder renders it (U+FFFD)."""
-        delta = self._pending_text()[self._emitted_pending :]
-        self._settle(len(self._ids))
+    def _advance_byte_fallback(self, runs: ByteRunTracker, final: bool) -> str:
+        """Emit the text of the pending tokens up to the trailing run of byte tokens,
+        that run too when it is final (invalid, or the sequence ended). The context
+        and the pending tokens are never split inside a run, so the window renders
+        every run as the one-shot decode does."""
+        end = len(self._ids)
+        delta = ""
+        if self._in_invalid_run:
+            run_end = self._pending_start
+            while run_end < end and runs.is_byte(self._ids[run_end]):
+                run_end += 1
+            delta = REPLACEMENT_CHAR * (run_end - self._pending_start)
+            if run_end == end:
+                # Still inside the run: no context is needed until a later token ends it.
+                self._pending_start = end
+                return delta
+            self._in_invalid_run = False
+            self._settle(run_end)
+        trailing_run = runs.run_start < end
+        final_to = end if final or runs.invalid else max(runs.run_start, self._pending_start)
+        if final_to > self._pending_start:
+            delta += self._pending_text(final_to)
+            self._settle(final_to)
+            self._in_invalid_run = trailing_run and final_to == end and not final
         return delta
 
-    def _pending_text(self) -> str:
-        window_text = self._decoder.decode(self._ids[self._window_start :])
+    def _pending_text(self, end: int | None = None) -> str:
+        """Text of ``ids[pending_start:end]`` as the one-shot decode renders it."""
+        window_text = self._decoder.decode(self._ids[self._window_start : end])
         return window_text[len(self._context_text) :]
 
     def _settle(self, end: int) -> None:

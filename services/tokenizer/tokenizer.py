@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import jinja2
 from transformers import AutoTokenizer
 
 from services.errors import InvalidParameterError
+from services.tokenizer.decoding import TextDecoder
 from services.tokenizer.length_bound import max_chars_per_token
 from services.tokenizer.prompt import (
     KNOWN_CHAT_ROLES,
@@ -52,6 +53,7 @@ class PromptTokenizer:
         # silently change a prompt, so both are switched off for good.
         self._backend.no_truncation()
         self._backend.no_padding()
+        self._decoder = TextDecoder(self._backend)
         self._max_context_length = _positive_int(config, "max_position_embeddings", path)
         # Ids the tokenizer knows and the model's embedding has rows for; either may be
         # the larger (embeddings are often padded to a multiple of 64).
@@ -162,8 +164,18 @@ class PromptTokenizer:
         skip_special_tokens=True)``. Calls the native tokenizer directly: this runs
         on every output step, and transformers' wrapper adds no behaviour for the
         BPE tokenizers of the Llama family."""
-        text: str = self._backend.decode(list(token_ids), skip_special_tokens=True)
-        return text
+        return self._decoder.decode(token_ids)
+
+    @property
+    def skipped_token_ids(self) -> frozenset[int]:
+        """Ids that ``decode`` leaves out (special tokens)."""
+        return self._decoder.skipped_token_ids
+
+    @property
+    def byte_fallback_values(self) -> Mapping[int, int]:
+        """Byte of each ``<0xNN>`` token of a byte-fallback SentencePiece tokenizer; empty
+        for byte-level BPE (see services/tokenizer/decoding.py)."""
+        return self._decoder.byte_fallback_values
 
     def _render_chat(self, messages: Sequence[ChatMessage]) -> str:
         if not messages:
