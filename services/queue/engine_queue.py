@@ -88,8 +88,9 @@ class EngineQueue(RedisOwner):
         self, model: str, consumer: str, max_count: int, block_ms: int, kv: KvBudget | None = None
     ) -> list[ClaimedRequest]:
         """Take up to ``max_count`` new requests, most urgent first, waiting up to ``block_ms``
-        (0: do not wait) for one to arrive. With ``kv``, only requests whose prompt (plus the
-        token to generate) fits ``kv.free_blocks`` in all, stopping at the first that does not."""
+        (0: do not wait) for the next enqueue when none can be taken. With ``kv``, only requests
+        whose prompts (plus the token to generate) fit ``kv.free_blocks`` together, stopping at
+        the first that does not; one larger than ``kv.total_blocks`` is taken (it fits nowhere)."""
         _check_consumer(consumer)
         _check_non_negative("max_count", max_count)
         _check_non_negative("block_ms", block_ms)
@@ -100,13 +101,13 @@ class EngineQueue(RedisOwner):
         args: list[EncodableT] = [
             ENGINE_GROUP, consumer, max_count, kv.free_blocks, kv.block_size, kv.total_blocks, PRIORITIES[0]
         ]  # fmt: skip
-        script = self._scripts[LuaScript.CLAIM]
-        bell, entries = script(keys=[keys.ready, keys.doorbell, *keys.bands], args=args)
+        script, script_keys = self._scripts[LuaScript.CLAIM], [keys.ready, keys.doorbell, *keys.bands]
+        bell, entries = script(keys=script_keys, args=args)
         if not entries and block_ms:
-            # Nothing queued: sleep until the next enqueue rings (or already rang since the claim).
+            # Sleep until the next enqueue rings the doorbell (or at once if one rang since the claim).
             streams: dict[KeyT, StreamIdT] = {keys.doorbell: bell}
             if self._redis.xread(streams, count=1, block=block_ms):
-                bell, entries = script(keys=[keys.ready, keys.doorbell, *keys.bands], args=args)
+                bell, entries = script(keys=script_keys, args=args)
         delivered = [(codec.as_text(ticket), codec.pairs_to_fields(fields), 1) for ticket, fields in entries]
         return self._admit(model, keys, delivered, reclaimed=False)
 
