@@ -54,8 +54,8 @@ def small_stack(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             "auth": {"enabled": False},
         }
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-        # A Ray address inherited from this process's own cluster would join it; the child starts its own.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        # The child starts a Ray of its own, whatever address this process's Ray left in the environment.
+        env = {**os.environ, "RAY_ADDRESS": "local"}
         env["XDG_CONFIG_HOME"] = str(workdir)
         tokenline = Path(sys.executable).with_name("tokenline")
         log = (workdir / "serve.log").open("w")
