@@ -24,6 +24,10 @@ MAX_SEED = 2**63 - 1
 # Backends keep token counts in signed 32-bit integers (vLLM, CUDA kernels), and no model's
 # context comes near this; a larger value is a client bug such as an unsigned wrap-around.
 MAX_TOKENS_LIMIT = 2**31 - 1
+# Priorities (lower is served first) are bounded because the queue keeps one stream per value:
+# 31 levels, with the default 0 in the middle so that a client can both raise and lower a request.
+MIN_PRIORITY = -15
+MAX_PRIORITY = 15
 
 
 class FinishReason(str, enum.Enum):

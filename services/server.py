@@ -49,8 +49,10 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
             os.environ.update(ingress_environment(config))
+            # "local", not None: None joins whatever cluster `ray start` last left on this machine.
+            address = ray_address or "local"
             with _keeping_stop_signal_handlers():
-                ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),

@@ -51,11 +51,12 @@ class Stack:
         return found
 
     def unfinished_in_queue(self) -> tuple[int, int]:
-        """(entries pending in the engines' consumer group, admission slots still taken)."""
+        """(entries pending in the engines' consumer group of any priority, admission slots still taken)."""
         keys = QueueKeys(self.config.queue.key_prefix).for_model(MODEL_NAME)
         with redis.Redis.from_url(self.config.redis_url) as client:
-            pending = client.xpending(keys.requests, ENGINE_GROUP)["pending"]
-            return int(pending), int(client.hlen(keys.active))
+            bands = [band for band in keys.bands if client.exists(band)]
+            pending = sum(int(client.xpending(band, ENGINE_GROUP)["pending"]) for band in bands)
+            return pending, int(client.hlen(keys.active))
 
 
 def free_port() -> int:

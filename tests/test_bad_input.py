@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.client import TokenlineClient
+from services.messages import MAX_PRIORITY, MIN_PRIORITY
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from tests.bad_values import (
     BAD_PROMPTS,
@@ -87,11 +88,11 @@ def test_bad_sampling_value_is_invalid_argument_naming_the_field(
 
 
 @FEW
-@given(values=VALID_SAMPLING, priority=st.integers(INT32_MIN, 2**31 - 1))
+@given(values=VALID_SAMPLING, priority=st.integers(MIN_PRIORITY, MAX_PRIORITY))
 @example(values={"temperature": F32_TINY, "repetition_penalty": F32_TINY, "max_tokens": 6}, priority=0)
 @example(
     values={"top_k": 2**31 - 1, "top_p": F32_TINY, "seed": 2**63 - 1, "max_tokens": 2**31 - 1},
-    priority=INT32_MIN,
+    priority=MIN_PRIORITY,
 )
 def test_extreme_valid_values_are_served(
     client: TokenlineClient, values: dict[str, object], priority: int
@@ -106,6 +107,19 @@ def test_extreme_valid_values_are_served(
     if "logprobs" in values:
         assert len(response.logprobs) == len(response.token_ids)
         assert all(math.isfinite(lp) and lp <= 0 for lp in response.logprobs)
+
+
+@FEW
+@given(
+    priority=st.integers(INT32_MIN, MIN_PRIORITY - 1) | st.integers(MAX_PRIORITY + 1, 2**31 - 1),
+    rpc=st.sampled_from(GENERATE_RPCS),
+)
+@example(priority=MAX_PRIORITY + 1, rpc="Generate")
+@example(priority=INT32_MIN, rpc="GenerateStream")
+def test_priority_out_of_range_is_invalid_argument(client: TokenlineClient, priority: int, rpc: str) -> None:
+    request = valid_request("1+2=", max_tokens=2)
+    request.priority = priority
+    assert_invalid_argument(error_of(lambda: call_typed(client, rpc, request)), "priority")
 
 
 def test_near_zero_temperature_is_greedy(client: TokenlineClient) -> None:

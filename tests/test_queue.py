@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,7 +15,15 @@ from hypothesis import strategies as st
 
 from services.errors import InvalidParameterError, QueueFullError
 from services.messages import FinishReason, GenerationRequest, SamplingParams, TokenChunk, Usage
-from services.queue import EngineQueue, OutputCursor, QueueClient, QueueConfig, RedisServer
+from services.queue import (
+    ClaimedRequest,
+    EngineQueue,
+    KvBudget,
+    OutputCursor,
+    QueueClient,
+    QueueConfig,
+    RedisServer,
+)
 from services.queue.codec import decode_chunk, decode_request, encode_chunk, encode_request
 from services.queue.keys import QueueKeys
 from services.queue.output_stream import advance
@@ -73,7 +82,7 @@ def test_round_trip_enqueue_claim_append_read_finish(redis_url: str) -> None:
     assert (chunks[-1].finish_reason, chunks[-1].usage) == (FinishReason.LENGTH, usage)
     assert with_client(redis_url, config, lambda client: client.depth(MODEL)) == 0
     with redis.Redis.from_url(redis_url) as raw:
-        assert raw.xlen(KEYS.for_model(MODEL).requests) == 0, "a finished request leaves the stream"
+        assert raw.xlen(KEYS.for_model(MODEL).band(1)) == 0, "a finished request leaves the stream"
 
 
 def test_claim_takes_only_as_many_as_asked(redis_url: str) -> None:
@@ -204,7 +213,7 @@ def test_unreadable_entry_is_dead_lettered_not_handed_out(redis_url: str) -> Non
     config = QueueConfig()
     enqueue_all(redis_url, config, request("good"))
     with redis.Redis.from_url(redis_url) as raw:
-        raw.xadd(KEYS.for_model(MODEL).requests, {"v": "99", "id": "future"})
+        raw.xadd(KEYS.for_model(MODEL).band(1), {"v": "99", "id": "future"})  # behind "good"
     with EngineQueue(redis_url, config) as engine:
         assert [c.request.request_id for c in engine.claim(MODEL, "e", 10, 0)] == ["good"]
     with redis.Redis.from_url(redis_url) as raw:
@@ -357,3 +366,111 @@ def _split(tokens: list[int], start: int, data: st.DataObject) -> list[TokenChun
         index += size
     chunks.append(TokenChunk("r", len(tokens), (), FinishReason.STOP))
     return chunks
+
+
+# ---- priority across the queue, and claims that fit the engine's KV cache -------------------
+def prioritized(request_id: str, priority: int, prompt_tokens: int = 3) -> GenerationRequest:
+    params = SamplingParams(temperature=0.0, max_tokens=8, seed=7)
+    return GenerationRequest(request_id, MODEL, tuple(range(1, prompt_tokens + 1)), params, priority=priority)
+
+
+def ids(claimed: list[ClaimedRequest]) -> list[str]:
+    return [item.request.request_id for item in claimed]
+
+
+def test_urgent_request_sent_behind_a_hundred_queued_ones_is_claimed_first(redis_url: str) -> None:
+    config = QueueConfig(max_queue_depth=200)
+    background = [prioritized(f"bg{i:03}", 10) for i in range(100)]
+    enqueue_all(redis_url, config, *background, prioritized("urgent", 0), prioritized("most-urgent", -3))
+    with EngineQueue(redis_url, config) as engine:
+        assert ids(engine.claim(MODEL, "e", 1, 0)) == ["most-urgent"]
+        assert ids(engine.claim(MODEL, "e", 3, 0)) == ["urgent", "bg000", "bg001"]
+        enqueue_all(redis_url, config, prioritized("late", 5))
+        rest = ids(engine.claim(MODEL, "e", 200, 0))
+    assert rest == ["late", *(r.request_id for r in background[2:])], "bands in order, each in arrival order"
+
+
+def test_admission_bound_counts_every_priority(redis_url: str) -> None:
+    config = QueueConfig(max_queue_depth=2)
+    enqueue_all(redis_url, config, prioritized("a", 5), prioritized("b", -1))
+    with pytest.raises(QueueFullError):
+        enqueue_all(redis_url, config, prioritized("c", 0))
+    with pytest.raises(InvalidParameterError) as refused:
+        enqueue_all(redis_url, QueueConfig(), prioritized("d", 16))
+    assert refused.value.field == "priority"
+
+
+def test_claim_takes_only_prompts_that_fit_the_free_kv_blocks(redis_url: str) -> None:
+    config = QueueConfig()
+    # blocks of 4 tokens; a prompt of n tokens needs ceil((n + 1) / 4) blocks
+    enqueue_all(redis_url, config, prioritized("big", 0, 19), prioritized("s1", 0), prioritized("s2", 0))
+    with EngineQueue(redis_url, config) as engine, redis.Redis.from_url(redis_url) as raw:
+        busy = KvBudget(free_blocks=4, block_size=4, total_blocks=64)
+        assert engine.claim(MODEL, "busy", 8, 0, busy) == [], "big needs 5 blocks; nothing behind it passes"
+        assert raw.xpending(KEYS.for_model(MODEL).requests, "engines")["pending"] == 0, "nothing held"
+        roomy = KvBudget(free_blocks=6, block_size=4, total_blocks=64)
+        assert ids(engine.claim(MODEL, "roomy", 8, 0, roomy)) == ["big", "s1"], "5 + 1 blocks, then full"
+        assert ids(engine.claim(MODEL, "busy", 8, 0, busy)) == ["s2"]
+
+
+def test_prompt_larger_than_the_whole_kv_cache_is_taken_to_be_failed_not_left_queued(redis_url: str) -> None:
+    config = QueueConfig()
+    enqueue_all(redis_url, config, prioritized("huge", 0, 40), prioritized("next", 0))
+    with EngineQueue(redis_url, config) as engine:
+        tiny = KvBudget(free_blocks=1, block_size=4, total_blocks=8)
+        assert ids(engine.claim(MODEL, "e", 8, 0, tiny)) == ["huge", "next"], "huge fits no replica"
+
+
+def test_idle_claim_wakes_when_a_request_is_enqueued(redis_url: str) -> None:
+    config = QueueConfig()
+    with EngineQueue(redis_url, config) as engine:
+        started = time.monotonic()
+        assert engine.claim(MODEL, "e", 1, block_ms=300) == []
+        assert time.monotonic() - started >= 0.25, "an empty queue is waited on, not polled"
+
+        def enqueue_later() -> None:
+            time.sleep(0.3)
+            enqueue_all(redis_url, config, prioritized("wake", 7))
+
+        waker = threading.Thread(target=enqueue_later)
+        started = time.monotonic()
+        waker.start()
+        claimed = engine.claim(MODEL, "e", 1, block_ms=5000)
+        waker.join()
+    assert ids(claimed) == ["wake"]
+    assert time.monotonic() - started < 2.0
+
+
+def test_leases_hand_back_and_reclaim_across_priorities(redis_url: str) -> None:
+    config = QueueConfig(lease_s=0.3, max_deliveries=2)
+    enqueue_all(redis_url, config, prioritized("low", 9), prioritized("mid", 0), prioritized("high", -9))
+    with EngineQueue(redis_url, config) as engine:
+        held = {item.request.request_id: item.entry_id for item in engine.claim(MODEL, "a", 3, 0)}
+        assert held["mid"].count("/") == 0 and held["low"].startswith("9/"), "tickets name the band"
+        assert engine.renew(MODEL, "a", list(held.values())) == set()
+        assert engine.hand_back(MODEL, "a", [held["low"], held["high"]]) == 2
+        assert ids(engine.reclaim_expired(MODEL, "b", 4)) == ["high", "low"], "most urgent band first"
+        time.sleep(0.35)
+        assert ids(engine.reclaim_expired(MODEL, "c", 4)) == ["high", "mid", "low"]
+        assert engine.renew(MODEL, "a", list(held.values())) == set(held.values()), "a lost them all"
+        assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "low")) is True
+        assert engine.cancelled(MODEL, ["low", "mid"]) == {"low"}
+        assert engine.finish(MODEL, held["mid"], "mid") is True
+        time.sleep(0.35)
+        assert ids(engine.reclaim_expired(MODEL, "d", 4)) == [], "high and low: third delivery"
+    assert [read_all(redis_url, rid)[-1].finish_reason for rid in ("high", "low")] == [FinishReason.ERROR] * 2
+    assert with_client(redis_url, config, lambda client: client.depth(MODEL)) == 0
+
+
+def test_entry_queued_before_priority_bands_existed_is_claimed_and_released(redis_url: str) -> None:
+    """The layout before bands: one stream, entry ids as tickets. Priority 0 kept both."""
+    keys = KEYS.for_model(MODEL)
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.xgroup_create(keys.requests, "engines", id="0", mkstream=True)
+        entry_id = raw.xadd(keys.requests, encode_request(prioritized("old", 0))).decode()
+        raw.hset(keys.active, "old", entry_id)
+    with EngineQueue(redis_url, QueueConfig()) as engine:
+        engine.ensure_group(MODEL)  # what every engine replica does when it starts
+        (claimed,) = engine.claim(MODEL, "e", 4, 0)
+        assert (claimed.request.request_id, claimed.entry_id) == ("old", entry_id)
+        assert engine.finish(MODEL, claimed.entry_id, "old") is True

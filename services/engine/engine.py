@@ -120,6 +120,12 @@ class Engine:
             max_num_seqs=self.config.max_num_seqs,
         )
 
+    def reserved_blocks(self) -> int:
+        """Blocks the admitted requests still need for tokens they already hold (prompts not yet
+        prefilled): a caller pulling more work counts only on ``free_blocks`` minus these."""
+        seqs = (*self.scheduler.running, *self.scheduler.waiting)
+        return sum(self.block_manager.blocks_needed(seq, seq.num_uncomputed_tokens) for seq in seqs)
+
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks a request of ``num_tokens`` tokens (prompt + output) needs at most."""
         return -(-min(num_tokens, self.max_model_len) // self.config.block_size)

@@ -11,8 +11,15 @@ pending in Redis and a live replica resumes them.
 
 When Redis is away the loop keeps what the engine produced in an outbox and
 retries; it never steps further ahead than one unwritten step (plus the one whose
-write is in flight). On a graceful stop the replica finishes what it holds for a
-while, then hands the rest back.
+write is in flight).
+
+Pulling only what fits: the replica offers the queue its free batch slots and the KV blocks
+not yet promised to prompts it holds; the queue's claim looks at each request before it takes
+it, most urgent priority first, so work this replica cannot start stays free for another. A
+reclaimed request, whose produced tokens count too, that does not fit is handed straight back;
+one whose prompt exceeds the whole KV cache (replicas of a model share one engine config) ends
+with an ERROR naming its length instead of bouncing between replicas. On a graceful stop
+the replica finishes what it holds for a while, then hands the rest back.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from services.engine.engine import Engine
 from services.engine.outputs import RequestOutput
 from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, Usage
-from services.queue import ClaimedRequest, EngineQueue, QueueConfig
+from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
 from services.queue.outage import Backoff
 from services.queue.step_writer import OutputWriter
 
@@ -198,26 +205,29 @@ class EngineReplica:
             self._renew_leases()
             self._next_renew = now + self._lease_s / 3
         if now >= self._next_reclaim:
-            self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()))
+            self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()[0]))
             self._next_reclaim = now + self._lease_s / 2
         busy = self.engine.has_unfinished()
-        room = self._room()
+        room, kv = self._room()
         if room and (not busy or now >= self._next_claim):
             wait_ms = 0 if busy or self._writer.busy else IDLE_WAIT_MS
-            self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms))
+            self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms, kv))
             self._next_claim = now + BUSY_CLAIM_INTERVAL_S
         if self.engine.has_unfinished():
             self._step()
         else:
             self._settle()  # the last step's write; nothing to overlap it with
 
-    def _room(self) -> int:
-        """New requests this replica can take now: free batch slots, and only while nothing
-        it already holds is waiting for KV blocks (pulling more would just hoard work)."""
+    def _room(self) -> tuple[int, KvBudget]:
+        """New requests this replica can take now (free batch slots, only while nothing it holds
+        waits for KV blocks: pulling more would hoard work) and the KV blocks their prompts may
+        fill: free blocks not already promised to prompts it holds."""
         capacity = self.engine.capacity()
-        if self._draining.is_set() or capacity.waiting or capacity.free_blocks == 0:
-            return 0
-        return capacity.free_slots
+        free = capacity.free_blocks - self.engine.reserved_blocks()
+        kv = KvBudget(free, capacity.block_size, capacity.total_blocks)
+        if self._draining.is_set() or capacity.waiting or free <= 0:
+            return 0, kv
+        return capacity.free_slots, kv
 
     def _step(self) -> None:
         """Compute step N+1 while step N's output is being written, then hand N+1 over."""
@@ -292,7 +302,17 @@ class EngineReplica:
                 self._unacknowledged[request.request_id] = item.entry_id
                 return
         held.next_index = len(produced)
+        kv = self._room()[1]  # reflects the requests admitted just before this one
+        need = kv.blocks_for(held.num_prompt_tokens + len(produced) + 1)
+        if kv.free_blocks < need <= kv.total_blocks:  # fits later or elsewhere: do not hold it
+            self.queue.hand_back(self.model_name, self.consumer, [item.entry_id])
+            return
         self._held[request.request_id] = held
+        if need > kv.total_blocks:  # fits no replica of this model: fail it rather than bounce it
+            blocks = f"{need} KV blocks; a replica has {kv.total_blocks}"
+            error = f"prompt of {held.num_prompt_tokens} tokens (+{len(produced)} generated) needs {blocks}"
+            self._end(request.request_id, FinishReason.ERROR, error=error)
+            return
         try:
             self.engine.add_request(
                 request.request_id,

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from services.errors import InvalidParameterError
-from services.messages import FinishReason, SamplingParams, TextDelta, Usage
+from services.messages import MAX_PRIORITY, MIN_PRIORITY, FinishReason, SamplingParams, TextDelta, Usage
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.tokenizer.prompt import ChatMessage, ChatPrompt, Prompt, TextPrompt, TokenIdsPrompt
 
@@ -58,6 +58,9 @@ def parse_generate(request: pb.GenerateRequest) -> ParsedGenerate:
     if request.request_id:
         check_request_id(request.request_id)
     sampling, max_tokens_set = parse_sampling(request.sampling)
+    if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:  # one queue stream per value
+        reason = f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]"
+        raise InvalidParameterError("priority", request.priority, reason)
     return ParsedGenerate(
         request_id=request.request_id,
         model=request.model,

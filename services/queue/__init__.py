@@ -6,7 +6,7 @@ asynchronous ``QueueClient``. Both share keys, Lua scripts and codec.
 
 from services.queue.client_queue import EnqueueResult, QueueClient
 from services.queue.config import QueueConfig
-from services.queue.engine_queue import ClaimedRequest, EngineQueue
+from services.queue.engine_queue import ClaimedRequest, EngineQueue, KvBudget
 from services.queue.output_stream import OutputCursor
 from services.queue.redis_server import RedisServer, RedisServerError, find_redis_server
 
@@ -14,6 +14,7 @@ __all__ = [
     "ClaimedRequest",
     "EngineQueue",
     "EnqueueResult",
+    "KvBudget",
     "OutputCursor",
     "QueueClient",
     "QueueConfig",

@@ -55,16 +55,19 @@ class QueueClient(AsyncRedisOwner):
         """Durably accept a request, or raise QueueFullError with a retry hint.
 
         Safe to retry after a connection error: a repeat of an accepted request id
-        comes back as a duplicate and adds no work.
+        comes back as a duplicate and adds no work. The request joins the stream of its
+        priority (InvalidParameterError naming ``priority`` outside the supported range).
         """
         keys = self._keys.for_model(request.model)
         config = self._config
         reply = await self._scripts[LuaScript.ENQUEUE](
             keys=[
-                keys.requests,
+                keys.band(request.priority),
                 keys.active,
                 self._keys.idempotency(request.request_id),
                 self._keys.stream_metadata(request.request_id),
+                keys.ready,
+                keys.doorbell,
                 self._keys.detokenizer_assignments,
             ],
             args=[
@@ -73,6 +76,7 @@ class QueueClient(AsyncRedisOwner):
                 config.idempotency_ttl_ms,
                 ENGINE_GROUP,
                 codec.encode_stream_request(request),
+                request.priority,
                 DETOKENIZER_GROUP,
                 *codec.flatten(codec.encode_request(request)),
             ],

@@ -2,6 +2,14 @@
 
 Synchronous on purpose: an engine replica's batching loop is a plain thread, and
 each step makes exactly one round trip for all of its output and cancellations.
+
+Priority holds across the queue: each priority value has its own stream (a *band*, see
+``keys``) with the consumer group ``engines``, and a claim is one script that walks the
+bands with undelivered entries most urgent first. It takes a request only if its prompt fits
+the KV blocks the engine says are free, looking at an entry before it delivers it, so a
+replica never holds work another replica could run. Leases, reclaim, hand-back, dead-letter
+and cancel work per entry as before, on whichever band holds it; callers name entries by
+ticket and never see bands.
 """
 
 from __future__ import annotations
@@ -23,12 +31,27 @@ from services.messages import FinishReason, GenerationRequest, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.connection import RedisOwner
-from services.queue.keys import ENGINE_GROUP, ModelKeys, QueueKeys
+from services.queue.keys import ENGINE_GROUP, PRIORITIES, ModelKeys, QueueKeys, split_ticket
 from services.queue.outage import guard
 from services.queue.output_stream import collect_tokens
 from services.queue.scripts import LuaScript
 
 logger = logging.getLogger(__name__)
+
+_UNLIMITED = 2**31  # blocks: a claim without a KV budget
+
+
+@dataclass(frozen=True)
+class KvBudget:
+    """The KV cache a claim may fill: blocks free for new prompts, their size, and the whole
+    cache (a prompt larger than that fits no replica of the model and is taken to be failed)."""
+
+    free_blocks: int
+    block_size: int
+    total_blocks: int
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
 
 @dataclass(frozen=True)
@@ -36,7 +59,8 @@ class ClaimedRequest:
     """A request an engine now holds under lease. ``deliveries`` counts this hand-out;
     ``cancelled`` means the client cancelled it before the engine got it: finish it
     with ABORT instead of running it. ``reclaimed``: another engine held it before, so
-    its output stream may already hold tokens to resume after."""
+    its output stream may already hold tokens to resume after. ``entry_id`` is the
+    entry's ticket (see ``keys``)."""
 
     entry_id: str
     request: GenerationRequest
@@ -60,24 +84,31 @@ class EngineQueue(RedisOwner):
         self._scripts: dict[LuaScript, Script] = {s: self._redis.register_script(s.value) for s in LuaScript}
 
     @guard
-    def claim(self, model: str, consumer: str, max_count: int, block_ms: int) -> list[ClaimedRequest]:
-        """Take up to ``max_count`` new requests, waiting up to ``block_ms`` (0: do not wait)."""
+    def claim(
+        self, model: str, consumer: str, max_count: int, block_ms: int, kv: KvBudget | None = None
+    ) -> list[ClaimedRequest]:
+        """Take up to ``max_count`` new requests, most urgent first, waiting up to ``block_ms``
+        (0: do not wait) for the next enqueue when none can be taken. With ``kv``, only requests
+        whose prompts (plus the token to generate) fit ``kv.free_blocks`` together, stopping at
+        the first that does not; one larger than ``kv.total_blocks`` is taken (it fits nowhere)."""
         _check_consumer(consumer)
         _check_non_negative("max_count", max_count)
         _check_non_negative("block_ms", block_ms)
         keys = self._keys.for_model(model)
         if max_count == 0:
             return []
-        streams: dict[KeyT, StreamIdT] = {keys.requests: ">"}
-        block = block_ms or None  # Redis reads BLOCK 0 as "forever"
-        try:
-            reply = self._redis.xreadgroup(ENGINE_GROUP, consumer, streams, count=max_count, block=block)
-        except ResponseError as exc:
-            if not _is_missing_group(exc):
-                raise
-            self.ensure_group(model)
-            reply = self._redis.xreadgroup(ENGINE_GROUP, consumer, streams, count=max_count, block=block)
-        delivered = [(entry_id, fields, 1) for entry_id, fields in codec.stream_entries(reply)]
+        kv = kv or KvBudget(_UNLIMITED, 1, _UNLIMITED)
+        args: list[EncodableT] = [
+            ENGINE_GROUP, consumer, max_count, kv.free_blocks, kv.block_size, kv.total_blocks, PRIORITIES[0]
+        ]  # fmt: skip
+        script, script_keys = self._scripts[LuaScript.CLAIM], [keys.ready, keys.doorbell, *keys.bands]
+        bell, entries = script(keys=script_keys, args=args)
+        if not entries and block_ms:
+            # Sleep until the next enqueue rings the doorbell (or at once if one rang since the claim).
+            streams: dict[KeyT, StreamIdT] = {keys.doorbell: bell}
+            if self._redis.xread(streams, count=1, block=block_ms):
+                bell, entries = script(keys=script_keys, args=args)
+        delivered = [(codec.as_text(ticket), codec.pairs_to_fields(fields), 1) for ticket, fields in entries]
         return self._admit(model, keys, delivered, reclaimed=False)
 
     @guard
@@ -92,16 +123,16 @@ class EngineQueue(RedisOwner):
         keys = self._keys.for_model(model)
         if max_count == 0:
             return []
-        args: list[EncodableT] = [ENGINE_GROUP, consumer, self._config.lease_ms, max_count]
+        args: list[EncodableT] = [ENGINE_GROUP, consumer, self._config.lease_ms, max_count, PRIORITIES[0]]
         try:
-            reply = self._scripts[LuaScript.RECLAIM](keys=[keys.requests], args=args)
+            reply = self._scripts[LuaScript.RECLAIM](keys=list(keys.bands), args=args)
         except ResponseError as exc:
             if _is_missing_group(exc):
                 return []
             raise
         pending = [
-            (codec.as_text(entry_id), codec.pairs_to_fields(fields), int(count))
-            for entry_id, count, fields in reply
+            (codec.as_text(ticket), codec.pairs_to_fields(fields), int(count))
+            for ticket, count, fields in reply
         ]
         return self._admit(model, keys, pending, reclaimed=True)
 
@@ -111,28 +142,27 @@ class EngineQueue(RedisOwner):
         holds (another engine reclaimed them, or they were finished): stop working on those."""
         _check_consumer(consumer)
         keys = self._keys.for_model(model)
-        if not entry_ids:
-            return set()
+        tickets, streams, pairs = _locate(keys, entry_ids)
+        if not tickets:
+            return set(entry_ids)
         try:
-            held = self._scripts[LuaScript.RENEW](
-                keys=[keys.requests], args=[ENGINE_GROUP, consumer, *entry_ids]
-            )
+            held = self._scripts[LuaScript.RENEW](keys=streams, args=[ENGINE_GROUP, consumer, *pairs])
         except ResponseError as exc:
             if _is_missing_group(exc):
                 return set(entry_ids)
             raise
-        return set(entry_ids) - {codec.as_text(entry_id) for entry_id in held}
+        return set(entry_ids) - {tickets[int(position) - 1] for position in held}
 
     @guard
     def hand_back(self, model: str, consumer: str, entry_ids: Sequence[str]) -> int:
         """Return held entries to the queue for another engine to reclaim right away (a replica
         that stops before its requests are done). Returns how many this consumer still held."""
         _check_consumer(consumer)
-        if not entry_ids:
+        tickets, streams, pairs = _locate(self._keys.for_model(model), entry_ids)
+        if not tickets:
             return 0
-        keys = self._keys.for_model(model)
-        args: list[EncodableT] = [ENGINE_GROUP, consumer, self._config.lease_ms, *entry_ids]
-        return int(self._scripts[LuaScript.HAND_BACK](keys=[keys.requests], args=args))
+        args: list[EncodableT] = [ENGINE_GROUP, consumer, self._config.lease_ms, *pairs]
+        return int(self._scripts[LuaScript.HAND_BACK](keys=streams, args=args))
 
     @guard
     def append(self, chunks: Sequence[TokenChunk]) -> None:
@@ -159,10 +189,14 @@ class EngineQueue(RedisOwner):
         pipe = self._redis.pipeline(transaction=False)
         self._queue_chunks(pipe, chunks)
         finish = self._scripts[LuaScript.FINISH]
-        for request_id, entry_id in (acknowledged or {}).items():
+        for request_id, ticket in (acknowledged or {}).items():
+            located = split_ticket(ticket)
+            if located is None:  # names no entry: nothing holds it, nothing to release
+                continue
+            priority, stream_id = located
             finish(
-                keys=[keys.requests, keys.active, keys.cancelled],
-                args=[ENGINE_GROUP, entry_id, request_id],
+                keys=[keys.band(priority), keys.active, keys.cancelled],
+                args=[ENGINE_GROUP, stream_id, request_id, ticket],
                 client=pipe,
             )
         if running_ids:
@@ -185,9 +219,13 @@ class EngineQueue(RedisOwner):
         Idempotent: returns True only for the call that freed the slot.
         """
         keys = self._keys.for_model(model)
-        args = [ENGINE_GROUP, entry_id, request_id]
+        located = split_ticket(entry_id)
+        if located is None:
+            return False
+        priority, stream_id = located
         released = self._scripts[LuaScript.FINISH](
-            keys=[keys.requests, keys.active, keys.cancelled], args=args
+            keys=[keys.band(priority), keys.active, keys.cancelled],
+            args=[ENGINE_GROUP, stream_id, request_id, entry_id],
         )
         return bool(released)
 
@@ -200,13 +238,17 @@ class EngineQueue(RedisOwner):
 
     @guard
     def ensure_group(self, model: str) -> None:
-        """Create the model's stream and consumer group if missing (safe to call any time)."""
+        """Create the model's priority-0 stream and consumer group if missing and mark it for the
+        next claim to look at (safe to call any time; enqueue creates every other band's stream
+        and group on first use)."""
         keys = self._keys.for_model(model)
         try:
             self._redis.xgroup_create(keys.requests, ENGINE_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        # Entries accepted before the queue had bands sit in this stream unannounced: look once.
+        self._redis.zadd(keys.ready, {"0": 0})
 
     def _queue_chunks(self, pipe: Any, chunks: Iterable[TokenChunk]) -> None:
         for chunk in chunks:
@@ -251,16 +293,18 @@ class EngineQueue(RedisOwner):
         # key stands in as the script's (untouched) output key.
         output_key = self._keys.output(request_id) if request_id else keys.dead
         final = TokenChunk(request_id or "", 0, finish_reason=FinishReason.ERROR, error=reason)
+        priority, stream_id = split_ticket(entry_id) or (0, entry_id)  # tickets here came from a script
         self._scripts[LuaScript.DEAD_LETTER](
-            keys=[keys.requests, keys.active, keys.cancelled, keys.dead, output_key],
+            keys=[keys.band(priority), keys.active, keys.cancelled, keys.dead, output_key],
             args=[
                 ENGINE_GROUP,
-                entry_id,
+                stream_id,
                 request_id or "",
                 config.output_ttl_ms,
                 config.dead_letter_max_entries,
                 reason,
                 deliveries,
+                entry_id,
                 *codec.flatten(codec.encode_chunk(final)),
             ],
         )
@@ -268,6 +312,24 @@ class EngineQueue(RedisOwner):
             "request dead-lettered",
             extra={"model": model, "request_id": request_id, "entry_id": entry_id, "deliveries": deliveries},
         )
+
+
+def _locate(keys: ModelKeys, tickets: Sequence[str]) -> tuple[list[str], list[str], list[EncodableT]]:
+    """The valid tickets, the band streams they are in, and (stream index, entry id) pairs for
+    a script that takes those streams as KEYS. An invalid ticket names nothing held."""
+    valid: list[str] = []
+    streams: list[str] = []
+    pairs: list[EncodableT] = []
+    for ticket in tickets:
+        located = split_ticket(ticket)
+        if located is None:
+            continue
+        stream = keys.band(located[0])
+        if stream not in streams:
+            streams.append(stream)
+        valid.append(ticket)
+        pairs.extend((streams.index(stream) + 1, located[1]))
+    return valid, streams, pairs
 
 
 def _members(candidates: Sequence[str], flags: Sequence[int]) -> set[str]:

@@ -2,17 +2,25 @@
 
 Layout (prefix ``tl``):
 
-- ``tl:{model}:requests``  request stream; consumer group ``engines``
-- ``tl:{model}:active``    hash request_id -> entry id of accepted-but-unfinished requests (admission)
-- ``tl:{model}:cancelled`` set of request ids a client cancelled while they were active
-- ``tl:{model}:dead``      dead-letter stream
-- ``tl:out:{request_id}``  output stream of one request
-- ``tl:idem:{request_id}`` idempotency marker of one request id
-- ``tl:meta:{request_id}`` what a reader needs to resume the request's stream
-- ``tl:text:{request_id}`` text stream of one request (detokenizer -> ingress)
-- ``tl:detok:assign``      one entry per accepted request; consumer group ``detokenizers``:
-                           the detokenizer replica that holds an entry owns that request's text
-- ``tl:wake:{replica}``    an ingress replica's wake-up stream (new open calls join its read)
+- ``tl:{model}:requests``    request stream of priority 0; consumer group ``engines``
+- ``tl:{model}:requests.p{N}`` request stream of priority N != 0 (one band per priority value,
+  ``MIN_PRIORITY..MAX_PRIORITY``); consumer group ``engines``
+- ``tl:{model}:ready``       sorted set of the priorities whose stream may hold undelivered entries
+- ``tl:{model}:doorbell``    one-entry stream that every enqueue rewrites: idle engines block on it
+- ``tl:{model}:active``      hash request_id -> ticket of accepted-but-unfinished requests (admission)
+- ``tl:{model}:cancelled``   set of request ids a client cancelled while they were active
+- ``tl:{model}:dead``        dead-letter stream
+- ``tl:out:{request_id}``    output stream of one request
+- ``tl:idem:{request_id}``   idempotency marker of one request id
+- ``tl:meta:{request_id}``   what a reader needs to follow or resume the request's stream
+- ``tl:text:{request_id}``   text stream of one request (detokenizer -> ingress)
+- ``tl:detok:assign``        one entry per accepted request; consumer group ``detokenizers``:
+                             the detokenizer replica that holds an entry owns that request's text
+- ``tl:wake:{replica}``      an ingress replica's wake-up stream (new open calls join its read)
+
+A *ticket* names one request entry across all bands: ``{priority}/{stream id}``, or the bare
+stream id for priority 0. Priority 0 keeps the key and the id form that the queue had before it
+had bands, so entries accepted before an upgrade are still found and released by new engines.
 
 Per-model suffixes contain no ``:``, so two models can never share a key. Only a
 model whose first segment is a shared namespace (``out``, ``idem``) could collide
@@ -24,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.errors import InvalidParameterError
+from services.messages import MAX_PRIORITY, MIN_PRIORITY
 
 ENGINE_GROUP = "engines"
 DETOKENIZER_GROUP = "detokenizers"
@@ -31,14 +40,26 @@ _SHARED_NAMESPACES = frozenset(
     {"out", "idem", "meta", "auth", "ratelimit", "text", "detok", "wake", "registry"}
 )
 MAX_NAME_CHARS = 512
+PRIORITIES = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))  # band order: served first to last
 
 
 @dataclass(frozen=True)
 class ModelKeys:
-    requests: str
+    requests: str  # the priority-0 band
+    ready: str
+    doorbell: str
     active: str
     cancelled: str
     dead: str
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Every band's stream, most urgent first (index i holds priority ``PRIORITIES[i]``)."""
+        return tuple(self.band(priority) for priority in PRIORITIES)
+
+    def band(self, priority: int) -> str:
+        check_priority(priority)
+        return self.requests if priority == 0 else f"{self.requests}.p{priority}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,8 @@ class QueueKeys:
         base = f"{self.prefix}:{model}"
         return ModelKeys(
             requests=f"{base}:requests",
+            ready=f"{base}:ready",
+            doorbell=f"{base}:doorbell",
             active=f"{base}:active",
             cancelled=f"{base}:cancelled",
             dead=f"{base}:dead",
@@ -86,6 +109,28 @@ class QueueKeys:
     def wake(self, replica: str) -> str:
         check_request_id(replica)
         return f"{self.prefix}:wake:{replica}"
+
+
+def split_ticket(ticket: str) -> tuple[int, str] | None:
+    """(priority, stream id) of a ticket, or None when it is not one (then nothing holds it)."""
+    priority, slash, stream_id = ticket.rpartition("/")
+    if not slash:
+        return 0, ticket
+    try:
+        value = int(priority)
+    except ValueError:
+        return None
+    return (value, stream_id) if MIN_PRIORITY <= value <= MAX_PRIORITY and value != 0 else None
+
+
+def check_priority(priority: int) -> None:
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        reason = f"must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}]"
+        raise InvalidParameterError("priority", priority, reason)
 
 
 def check_request_id(request_id: str) -> None:

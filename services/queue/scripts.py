@@ -3,7 +3,8 @@
 Both the sync (engine) and the async (client) side register these same sources.
 Stream field encoding stays in Python (``codec``); scripts receive encoded fields
 as flat argument lists and never interpret them, except the request id of an
-entry that must be dead-lettered.
+entry that must be dead-lettered and the length of a packed prompt, which tells the
+claim whether a request fits the engine's free KV blocks.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import enum
 # work) and free its admission slot. Only the first release of an entry frees the slot,
 # so a zombie engine finishing a request again cannot free a slot twice.
 _RELEASE = """
-local function release(requests, active, cancelled, group, entry_id, request_id)
+local function release(requests, active, cancelled, group, entry_id, ticket, request_id)
   redis.call('XACK', requests, group, entry_id)
   redis.call('XDEL', requests, entry_id)
-  if redis.call('HGET', active, request_id) ~= entry_id then
+  if redis.call('HGET', active, request_id) ~= ticket then
     return 0
   end
   redis.call('HDEL', active, request_id)
@@ -26,14 +27,27 @@ local function release(requests, active, cancelled, group, entry_id, request_id)
 end
 """
 
-# KEYS: requests, active, idempotency, stream metadata, detokenizer assignments
-# ARGV: request_id, max_depth, idempotency_ttl_ms, group, stream_metadata, detokenizer group,
-#       field, value, ...
-# Returns {'accepted', entry_id} | {'duplicate', entry_id} | {'full', depth}.
+# A ticket names an entry across bands (see keys): the bare id in band 0, 'priority/id' elsewhere.
+_TICKET = """
+local function ticket_of(priority, entry_id)
+  if tonumber(priority) == 0 then
+    return entry_id
+  end
+  return priority .. '/' .. entry_id
+end
+"""
+
+# KEYS: band stream, active, idempotency, stream metadata, ready, doorbell, detokenizer assignments
+# ARGV: request_id, max_depth, idempotency_ttl_ms, group, stream_metadata, priority,
+#       detokenizer group, field, value, ...
+# Returns {'accepted', ticket} | {'duplicate', ticket} | {'full', depth}.
 # The stream metadata (model, stop strings, prompt length) tells the detokenizer how to
 # render the request, and lets a client that lost its stream resume it by request id alone;
 # it lives as long as the idempotency marker.
-_ENQUEUE = """
+# The admission bound counts every band: ``active`` is one hash per model.
+_ENQUEUE = (
+    _TICKET
+    + """
 local request_id = ARGV[1]
 local known = redis.call('GET', KEYS[3]) or redis.call('HGET', KEYS[2], request_id)
 if known then
@@ -47,25 +61,107 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   -- group from id 0: nothing appended from here on can be missed by the engines
   redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[4], '0', 'MKSTREAM')
 end
-local entry_id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7))
-if redis.call('EXISTS', KEYS[5]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[5], ARGV[6], '0', 'MKSTREAM')
+local ticket = ticket_of(ARGV[6], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 8)))
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[7], ARGV[7], '0', 'MKSTREAM')
 end
 -- the same accept hands the request's text to exactly one detokenizer replica
-redis.call('XADD', KEYS[5], '*', 'id', request_id)
-redis.call('HSET', KEYS[2], request_id, entry_id)
-redis.call('SET', KEYS[3], entry_id, 'PX', ARGV[3])
+redis.call('XADD', KEYS[7], '*', 'id', request_id)
+redis.call('HSET', KEYS[2], request_id, ticket)
+redis.call('SET', KEYS[3], ticket, 'PX', ARGV[3])
 redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
-return {'accepted', entry_id}
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[6])
+redis.call('XADD', KEYS[6], 'MAXLEN', '1', '*', 'p', ARGV[6])
+return {'accepted', ticket}
 """
+)
 
-# KEYS: requests, active, cancelled
-# ARGV: group, entry_id, request_id
+# KEYS: ready, doorbell, band stream of each priority from the most urgent on
+# ARGV: group, consumer, max_count, free_blocks, block_size, total_blocks, first priority
+# Returns {doorbell id, {{ticket, {field, value, ...}}, ...}}.
+# Takes undelivered entries in priority order, then arrival order, while each one's prompt
+# fits the free KV blocks: ceil((prompt + 1) / block_size). It peeks (XRANGE after the group's
+# last delivered id) before it delivers, so an entry that does not fit is never held by this
+# engine. The first entry that does not fit ends the claim, as in the engine's scheduler: a
+# large request is not starved by smaller, less urgent ones. An entry larger than the whole KV
+# cache can never fit; it is delivered so that the engine ends it with an error. A band whose
+# entries are all delivered leaves ``ready``. The doorbell id lets an idle engine block until
+# the next enqueue without missing one that happens in between.
+_CLAIM = (
+    _TICKET
+    + """
+local group, consumer = ARGV[1], ARGV[2]
+local wanted, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local block_size, total, first = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local function last_delivered(stream)
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local fields = {}
+    for i = 1, #info, 2 do
+      fields[info[i]] = info[i + 1]
+    end
+    if fields['name'] == group then
+      return fields['last-delivered-id']
+    end
+  end
+  return nil
+end
+local function prompt_tokens(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' then
+      return #fields[i + 1] / 4
+    end
+  end
+  return 0
+end
+local claimed, blocked = {}, false
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if blocked or #claimed >= wanted then
+    break
+  end
+  local stream = KEYS[3 + tonumber(member) - first]
+  local last = stream and redis.call('EXISTS', stream) == 1 and last_delivered(stream)
+  if not last then
+    redis.call('ZREM', KEYS[1], member)
+  else
+    local room = wanted - #claimed
+    local waiting = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', room + 1)
+    local take = 0
+    for _, entry in ipairs(waiting) do
+      local need = math.ceil((prompt_tokens(entry[2]) + 1) / block_size)
+      if take >= room then
+        break
+      elseif need > total then
+        need = 0
+      elseif need > budget then
+        blocked = true
+        break
+      end
+      budget = budget - need
+      take = take + 1
+    end
+    if take > 0 then
+      local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', take, 'STREAMS', stream, '>')
+      for _, entry in ipairs(reply[1][2]) do
+        claimed[#claimed + 1] = {ticket_of(member, entry[1]), entry[2]}
+      end
+    end
+    if take == #waiting then
+      redis.call('ZREM', KEYS[1], member)
+    end
+  end
+end
+local bell = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+return {bell[1] and bell[1][1] or '0-0', claimed}
+"""
+)
+
+# KEYS: band stream, active, cancelled
+# ARGV: group, entry_id, request_id, ticket
 # Returns 1 when this call freed the admission slot, 0 when it was already free.
 _FINISH = (
     _RELEASE
     + """
-return release(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+return release(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[4], ARGV[3])
 """
 )
 
@@ -80,33 +176,37 @@ end
 return 0
 """
 
-# KEYS: requests
-# ARGV: group, consumer, entry_id, ...
-# Resets the idle time of the entries this consumer still holds and returns their ids.
-# An entry another engine reclaimed is left alone: renewing it would steal it back.
+# KEYS: the band streams the entries are in
+# ARGV: group, consumer, (key index, entry_id), ...
+# Resets the idle time of the entries this consumer still holds and returns their positions
+# (1-based, in argument order). An entry another engine reclaimed is left alone: renewing it
+# would steal it back.
 _RENEW = """
 local held = {}
-for i = 3, #ARGV do
-  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+for i = 3, #ARGV, 2 do
+  local stream, entry_id = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
+  local pending = redis.call('XPENDING', stream, ARGV[1], entry_id, entry_id, 1)
   if pending[1] and pending[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    held[#held + 1] = ARGV[i]
+    redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, entry_id, 'JUSTID')
+    held[#held + 1] = (i - 1) / 2
   end
 end
 return held
 """
 
-# KEYS: requests
-# ARGV: group, consumer, idle_ms, entry_id, ...
+# KEYS: the band streams the entries are in
+# ARGV: group, consumer, idle_ms, (key index, entry_id), ...
 # Hands back the entries this consumer still holds, idle enough for the next reclaim to take
 # them at once. The delivery count goes down by one: the next reclaim adds it back, so a
-# replica stopping cleanly does not count against the request's max_deliveries.
+# replica stopping cleanly (or one without room for a reclaimed request) does not count
+# against the request's max_deliveries.
 _HAND_BACK = """
 local handed = 0
-for i = 4, #ARGV do
-  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+for i = 4, #ARGV, 2 do
+  local stream, entry_id = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
+  local pending = redis.call('XPENDING', stream, ARGV[1], entry_id, entry_id, 1)
   if pending[1] and pending[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3],
+    redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, entry_id, 'IDLE', ARGV[3],
                'RETRYCOUNT', math.max(pending[1][4] - 1, 0), 'JUSTID')
     handed = handed + 1
   end
@@ -114,32 +214,43 @@ end
 return handed
 """
 
-# KEYS: requests
-# ARGV: group, consumer, min_idle_ms, max_count
-# Returns {{entry_id, delivery_count, {field, value, ...}}, ...}. The cursor loop matters:
-# XAUTOCLAIM scans a bounded slice of the pending list per call, and expired entries may
-# sit behind many live ones.
-_RECLAIM = """
+# KEYS: band stream of each priority from the most urgent on
+# ARGV: group, consumer, min_idle_ms, max_count, first priority
+# Returns {{ticket, delivery_count, {field, value, ...}}, ...}, most urgent band first. The
+# cursor loop matters: XAUTOCLAIM scans a bounded slice of the pending list per call, and
+# expired entries may sit behind many live ones.
+_RECLAIM = (
+    _TICKET
+    + """
 local wanted = tonumber(ARGV[4])
-local cursor = '0-0'
 local claimed = {}
-repeat
-  local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor,
-                           'COUNT', wanted - #claimed)
-  cursor = reply[1]
-  for _, entry in ipairs(reply[2]) do
-    if entry then
-      local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
-      claimed[#claimed + 1] = {entry[1], pending[1][4], entry[2]}
-    end
+for index, stream in ipairs(KEYS) do
+  if #claimed >= wanted then
+    break
   end
-until cursor == '0-0' or #claimed >= wanted
+  if redis.call('EXISTS', stream) == 1 then
+    local priority = tostring(tonumber(ARGV[5]) + index - 1)
+    local cursor = '0-0'
+    repeat
+      local reply = redis.call('XAUTOCLAIM', stream, ARGV[1], ARGV[2], ARGV[3], cursor,
+                               'COUNT', wanted - #claimed)
+      cursor = reply[1]
+      for _, entry in ipairs(reply[2]) do
+        if entry then
+          local pending = redis.call('XPENDING', stream, ARGV[1], entry[1], entry[1], 1)
+          claimed[#claimed + 1] = {ticket_of(priority, entry[1]), pending[1][4], entry[2]}
+        end
+      end
+    until cursor == '0-0' or #claimed >= wanted
+  end
+end
 return claimed
 """
+)
 
-# KEYS: requests, active, cancelled, dead, output
+# KEYS: band stream, active, cancelled, dead, output
 # ARGV: group, entry_id, request_id ('' when unreadable), output_ttl_ms, dead_max_len,
-#       reason, deliveries, error-chunk field, value, ...
+#       reason, deliveries, ticket, error-chunk field, value, ...
 # Records the entry in the dead-letter stream, ends its output with the error chunk
 # (only while the request is still active: a finished request keeps its real ending),
 # and releases it so that it is never handed out again.
@@ -152,18 +263,19 @@ if original[1] then
   fields = original[1][2]
 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*',
-           'entry_id', ARGV[2], 'reason', ARGV[6], 'deliveries', ARGV[7], unpack(fields))
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then
-  redis.call('XADD', KEYS[5], '*', unpack(ARGV, 8))
+           'entry_id', ARGV[8], 'reason', ARGV[6], 'deliveries', ARGV[7], unpack(fields))
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[8] then
+  redis.call('XADD', KEYS[5], '*', unpack(ARGV, 9))
   redis.call('PEXPIRE', KEYS[5], ARGV[4])
 end
-return release(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+return release(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[8], ARGV[3])
 """
 )
 
 
 class LuaScript(enum.Enum):
     ENQUEUE = _ENQUEUE
+    CLAIM = _CLAIM
     FINISH = _FINISH
     CANCEL = _CANCEL
     RENEW = _RENEW
