@@ -90,7 +90,8 @@ class DetokenizerQueue(RedisOwner):
     @guard
     def reclaim_expired(self, consumer: str, max_count: int) -> list[Assignment]:
         """Take over assignments whose holder stopped renewing them (a dead replica)."""
-        args: list[EncodableT] = [DETOKENIZER_GROUP, consumer, self._config.lease_ms, max_count]
+        # The assignment stream is one band (priority 0) as the engines' scripts see it.
+        args: list[EncodableT] = [DETOKENIZER_GROUP, consumer, self._config.lease_ms, max_count, 0]
         reply = self._scripts[LuaScript.RECLAIM](keys=[self._assignments], args=args)
         entries = [(codec.as_text(entry_id), codec.pairs_to_fields(fields)) for entry_id, _, fields in reply]
         return self._assign(entries, reclaimed=True)
@@ -100,17 +101,22 @@ class DetokenizerQueue(RedisOwner):
         """Renew the hold on these entries; returns those this replica no longer holds."""
         if not entry_ids:
             return set()
-        held = self._scripts[LuaScript.RENEW](
-            keys=[self._assignments], args=[DETOKENIZER_GROUP, consumer, *entry_ids]
+        positions = self._scripts[LuaScript.RENEW](
+            keys=[self._assignments], args=[DETOKENIZER_GROUP, consumer, *_in_first_key(entry_ids)]
         )
-        return set(entry_ids) - {codec.as_text(entry_id) for entry_id in held}
+        return set(entry_ids) - {entry_ids[int(position) - 1] for position in positions}
 
     @guard
     def hand_back(self, consumer: str, entry_ids: Sequence[str]) -> int:
         """Make held entries reclaimable at once (a replica that stops cleanly)."""
         if not entry_ids:
             return 0
-        args: list[EncodableT] = [DETOKENIZER_GROUP, consumer, self._config.lease_ms, *entry_ids]
+        args: list[EncodableT] = [
+            DETOKENIZER_GROUP,
+            consumer,
+            self._config.lease_ms,
+            *_in_first_key(entry_ids),
+        ]
         return int(self._scripts[LuaScript.HAND_BACK](keys=[self._assignments], args=args))
 
     @guard
@@ -174,3 +180,9 @@ class DetokenizerQueue(RedisOwner):
                 finished = delta.finish_reason is not None
             assignments.append(Assignment(entry_id, request, next_index, finished))
         return assignments
+
+
+def _in_first_key(entry_ids: Sequence[str]) -> list[EncodableT]:
+    """(key index, entry id) argument pairs for scripts that span several streams: all here
+    live in the assignment stream, key 1."""
+    return [part for entry_id in entry_ids for part in (1, entry_id)]
