@@ -22,6 +22,8 @@ MIB = 1 << 20
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _FIXED_ROLES = {
     "ray::ProxyActor": "proxy",
+    "ray::HAProxyManager": "haproxy-manager",
+    "haproxy": "haproxy",
     "ray::ServeController": "controller",
     "raylet": "raylet",
     "gcs_server": "gcs_server",

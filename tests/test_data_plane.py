@@ -179,3 +179,30 @@ def test_a_resume_inside_a_delta_cuts_tokens_and_text_at_the_piece() -> None:
     last = TextDelta("r", text="xy", token_ids=(1, 2), token_index=0, finish_reason=FinishReason.LENGTH)
     end = last.from_token(99)
     assert end is not None and (end.token_ids, end.text, end.finish_reason) == ((), "", FinishReason.LENGTH)
+
+
+def test_reader_drops_text_written_twice_for_the_same_tokens(redis_url: str) -> None:
+    """Two detokenizer replicas that both held a request for a moment write overlapping
+    entries; the client still sees every token once, in order."""
+    keys = QueueKeys()
+
+    async def main() -> list[TextDelta]:
+        async with QueueClient(redis_url, QueueConfig()) as client:
+            fanout = TextFanout(client, keys.wake("dup-ingress"), outage_limit_s=5.0)
+            with redis.Redis.from_url(redis_url) as writer:
+                for start, text, final in (
+                    (0, "ab", False),
+                    (0, "ab", False),
+                    (1, "bc", False),
+                    (2, "c!", True),
+                ):
+                    fields = {"s": str(start).encode(), "x": text.encode(), "t": b"\0\0\0\0\0\0\0\0"}
+                    fields["o"] = b"\1\0\0\0\1\0\0\0\1\0\0\0\1\0\0\0"  # one token and one char per piece
+                    if final:
+                        fields["f"] = b"length"
+                    writer.xadd(keys.text("dup"), fields)
+            return [delta async for delta in fanout.follow("dup")]
+
+    deltas = asyncio.run(main())
+    assert [d.token_index for d in deltas] == [0]
+    assert "".join(d.text for d in deltas) == "abc!" and sum(len(d.token_ids) for d in deltas) == 4

@@ -171,10 +171,11 @@ def test_queue_depth_never_exceeds_the_bound(overload: OverloadRun) -> None:
     assert max(overload.depths) >= overload.limit - overload.slots // 2
 
 
-def test_memory_of_every_stack_process_stays_bounded(overload: OverloadRun) -> None:
+def test_memory_of_every_stack_process_stays_bounded(stack: Stack, overload: OverloadRun) -> None:
     processes = [s for s in overload.series if s.pid is not None]
     roles = {s.role for s in processes}
-    expected = {"ingress", "tokenizer", "detokenizer", f"engine-{MODEL_NAME}", "proxy", "controller"}
+    expected = {"ingress", "tokenizer", "detokenizer", f"engine-{MODEL_NAME}", "controller"}
+    expected |= {"haproxy"} if stack.config.grpc_ingress == "haproxy" else {"proxy"}
     expected |= {"raylet", "gcs_server", "redis-server"}
     assert expected <= roles, f"stack processes not found: {expected - roles}"
     replaced = [s.name for s in processes if s.points[0][0] > SAMPLE_EVERY_S or s.points[-1][0] < LOAD_S]

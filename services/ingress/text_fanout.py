@@ -39,7 +39,14 @@ class _Subscription:
         if self.backlog is not None:
             self.backlog.extend(deltas)
             return
-        wanted = [part for d in deltas if (part := d.from_token(self.from_token)) is not None]
+        wanted = []
+        for delta in deltas:
+            # Skipping by token index also drops what a second detokenizer wrote for the same
+            # tokens while two replicas briefly both held a request (a takeover after an outage).
+            part = delta.from_token(self.from_token)
+            if part is not None:
+                wanted.append(part)
+                self.from_token = part.token_index + len(part.token_ids)
         if wanted:
             self.inbox.put_nowait(merge_text_deltas(wanted))
 
