@@ -45,8 +45,11 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             config = config.model_copy(update={"redis_url": redis_server.url})
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
+            # Given no address (flag or RAY_ADDRESS), start the stack's own Ray: ray.init(None)
+            # would join any cluster that `ray start` left running on this machine.
+            address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
             with _keeping_stop_signal_handlers():
-                ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
