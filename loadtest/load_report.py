@@ -16,7 +16,7 @@ from loadtest.report import write_json
 COLUMNS = (
     "users", "requests", "failures", "output_tokens", "wall_s", "tokens_per_s",
     "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-    "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+    "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "loadavg_1m_after",
 )  # fmt: skip
 _TABLE = (
     ("users", "users", "{:d}"),

@@ -157,7 +157,10 @@ def _one_run(
         )  # fmt: skip
     if not samples_json.is_file():
         raise RuntimeError(f"locust ({users} users) exited with {finished.returncode} and wrote no samples")
-    return summarize_run(json.loads(samples_json.read_text()), exit_code=finished.returncode)
+    row = summarize_run(json.loads(samples_json.read_text()), exit_code=finished.returncode)
+    loadavg = _loadavg()
+    row["loadavg_1m_after"] = loadavg[0] if loadavg else None  # the machine's load shapes these figures
+    return row
 
 
 def summarize_run(summary: dict[str, Any], exit_code: int = 0) -> dict[str, Any]:
