@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install tokenizers serve test lint bench-engine bench-pipeline demo-model stubs clean
+.PHONY: install tokenizers serve test lint bench-engine bench-pipeline bench-load demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-engine: install
 
 bench-pipeline: install
 	$(VENV)/bin/tokenline bench pipeline --json bench-results/pipeline.json
+
+# Locust over 1, 4, 16 and 64 concurrent streams, 30 s each: bench-results/load.{csv,json,png}.
+bench-load: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(VENV)/bin/tokenline bench load --users 1,4,16,64 --run-time 30s --out bench-results
 
 stubs: install
 	$(PY) protos/generate_stubs.py

