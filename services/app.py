@@ -64,6 +64,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             EngineReplica,
             name=f"engine-{model.name}",
             num_replicas=model.engine_replicas,
+            max_replicas_per_node=model.engine_max_replicas_per_node,
             ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
             health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,

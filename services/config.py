@@ -64,6 +64,12 @@ class ModelConfig(BaseModel):
     engine_num_gpus: float = Field(
         default=0.0, ge=0.0, description="GPUs each engine replica reserves in Ray."
     )
+    engine_max_replicas_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most engine replicas of this model on one Ray node (1: one per node, so that "
+        "losing a node loses one replica); None: no limit.",
+    )
     default_max_tokens: int = Field(
         default=256, ge=1, description="max_tokens when a request leaves it unset."
     )

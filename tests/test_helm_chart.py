@@ -329,6 +329,23 @@ def test_redis_url_is_filled_from_the_environment_where_the_app_is_built(
     )
 
 
+def test_app_built_from_the_rendered_config_connects_with_the_password(
+    default_render: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What KubeRay's head runs: build_app on the rendered args, in a process whose
+    environment has the password from the Secret; every deployment that talks to Redis
+    gets the filled-in URL."""
+    from tests.test_cluster_configs import built_deployments
+
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    args = app_args(one(default_render, "RayService"))
+    deployments = built_deployments(args, "services.app:build_app")
+    filled = f"redis://:s3cret@{REDIS_HOST}:6379/0"
+    for name in ("ingress", "detokenizer", *(f"engine-{m['name']}" for m in args["models"])):
+        urls = [arg for arg in deployments[name].init_args if isinstance(arg, str) and "redis" in arg]
+        assert urls == [filled], name
+
+
 def test_network_policy_admits_exactly_the_ray_pods_and_the_key_job(
     default_render: list[dict[str, Any]],
 ) -> None:
