@@ -26,13 +26,13 @@ from services.client import TokenlineClient
 from services.queue.keys import ENGINE_GROUP, QueueKeys
 from tests.serving_stack import MODEL_NAME
 from tests.stack_probes import request, wait_until
+from tests.two_node_cluster import READY_PREFIX, STARTUP_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["12+35=", "40+7=", "Count: 3 4 5", "25+61="]
 STREAMS = 16
-MAX_TOKENS = 160
+MAX_TOKENS = 400  # long enough that the kill lands mid-stream even on an idle machine
 FRONT_END = ("ingress", "tokenizer", "detokenizer")
-STARTUP_TIMEOUT_S = 300.0
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,27 @@ def two_nodes(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             text=True,
             start_new_session=True,
         )
-    lines: queue.Queue[str] = queue.Queue()
+    ready_lines: queue.Queue[str] = queue.Queue()
     assert process.stdout is not None and process.stdin is not None
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    stdout = process.stdout
+
+    def read_stdout() -> None:
+        for line in stdout:
+            if line.startswith(READY_PREFIX):
+                ready_lines.put(line.removeprefix(READY_PREFIX))
+
+    threading.Thread(target=read_stdout, daemon=True).start()
     try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S + 60
+        while process.poll() is None and time.monotonic() < deadline and ready_lines.empty():
+            time.sleep(0.5)
         try:
-            ready = json.loads(lines.get(timeout=STARTUP_TIMEOUT_S))
-        except (queue.Empty, json.JSONDecodeError):
-            pytest.fail(f"the two-node cluster did not come up:\n{log.read_text()[-4000:]}")
+            ready = json.loads(ready_lines.get_nowait())
+        except queue.Empty:
+            text = log.read_text()
+            first_error = text.find("Traceback")
+            shown = text[first_error : first_error + 3000] if first_error >= 0 else ""
+            pytest.fail(f"the two-node cluster did not come up:\n{shown}\n...\n{text[-3000:]}")
         yield ready
     finally:
         if process.poll() is None:
@@ -142,25 +155,28 @@ def test_two_nodes_both_engines_serve_and_losing_a_node_loses_no_stream(two_node
         pids = replica_pids(app, deployment)
         assert pids and not set(pids) & second_node, f"{deployment} runs on the head node"
 
+    print(f"cluster up in {two_nodes['startup_s']} s")
     requests = Queue(two_nodes)
     # Fault-free: 16 streams need both replicas (8 sequences each); both hold requests.
     holders: set[int] = set()
+    calm_started = time.monotonic()
     calm = Streams(two_nodes, "calm")
     while calm.running():
         holders |= {pid for pid, held in requests.held_by_pid().items() if held}
         time.sleep(0.02)
     expected = calm.results()
+    calm_s = time.monotonic() - calm_started
     assert holders == {head_engine, remote_engine}, "both engine replicas serve"
     assert all(len(tokens) == MAX_TOKENS for tokens in expected)
     assert expected[:4] == expected[4:8], "greedy: the same prompt gives the same tokens on either node"
 
     # The same 16 streams; the second node dies while its engine holds some of them mid-stream.
+    faulty_started = time.monotonic()
     faulty = Streams(two_nodes, "faulty")
-    wait_until(
-        lambda: requests.held_by_pid().get(remote_engine, 0) > 0 and sum(faulty.progress) >= STREAMS,
-        60,
-        "the second node's engine to be streaming",
-    )
+    deadline = time.monotonic() + 60
+    while not (requests.held_by_pid().get(remote_engine, 0) > 0 and sum(faulty.progress) >= STREAMS):
+        assert time.monotonic() < deadline, "the second node's engine never started streaming"
+        time.sleep(0.01)
     held_when_killed = requests.held_by_pid()[remote_engine]
     unfinished_when_killed = sum(1 for n in faulty.progress if n < MAX_TOKENS)
     victims = node_processes(two_nodes["second_node_raylet_pid"])
@@ -171,5 +187,8 @@ def test_two_nodes_both_engines_serve_and_losing_a_node_loses_no_stream(two_node
     assert held_when_killed > 0 and unfinished_when_killed > 0
 
     assert faulty.results() == expected, "every stream completes with the fault-free tokens"
+    print(
+        f"fault-free run {calm_s:.1f} s, run with the node killed {time.monotonic() - faulty_started:.1f} s"
+    )
     wait_until(lambda: requests.pending() == 0, 30, "nothing pending in the consumer group")
     assert replica_pids(app, f"engine-{MODEL_NAME}") == [head_engine]

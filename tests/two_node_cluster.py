@@ -6,8 +6,8 @@ The head node (2 CPUs) gets the front end (ingress, tokenizer, detokenizer, Serv
 controller and its one gRPC proxy) and one engine replica; a second node (1 CPU, its own
 raylet and workers) joins once those run and takes the second engine replica:
 ``engine_max_replicas_per_node: 1`` leaves it nowhere else to go. Then the process prints
-one JSON line (gRPC target, API key, Redis URL, the second node's raylet pid, ...) and
-serves until a line arrives on stdin; tests/test_multinode.py drives it from outside.
+one line, READY_PREFIX + JSON (gRPC target, API key, Redis URL, the second node's raylet pid, ...) and
+serves until a line arrives on stdin (or it closes); tests/test_multinode.py drives it from outside.
 """
 
 from __future__ import annotations
@@ -29,18 +29,22 @@ from ray.serve.config import gRPCOptions
 from services.app import GRPC_SERVICER_FUNCTION
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.ingress.api_keys import ApiKeyStore
-from services.queue import QueueConfig
+from services.queue import QueueConfig, RedisServer
 from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, running_stack
 from tests.serving_stack import MODEL_NAME, free_port, wait_ready
 
 APP_NAME = "twonode"
 FRONT_END = ("ingress", "tokenizer", "detokenizer")
-STARTUP_TIMEOUT_S = 240.0
+READY_PREFIX = "two-node cluster ready: "
+# Generous: on this shared 2-core machine under a load average of 60-80, getting both nodes,
+# Serve and every replica up took 210 s.
+STARTUP_TIMEOUT_S = 480.0
 
 
-def two_node_config(model_path: str) -> AppConfig:
+def two_node_config(model_path: str, redis_url: str) -> AppConfig:
     return AppConfig(
         app_name=APP_NAME,
+        redis_url=redis_url,
         models=(
             ModelConfig(
                 name=MODEL_NAME,
@@ -76,10 +80,27 @@ def wait_for(condition: Callable[[], bool], what: str, stopped: threading.Event)
 
 
 def main(model_path: str) -> int:
-    config = two_node_config(model_path)
+    started = time.monotonic()
+    with RedisServer(appendfsync="always") as redis_server:
+        return serve_on_two_nodes(two_node_config(model_path, redis_server.url), started)
+
+
+def serve_on_two_nodes(config: AppConfig, started: float) -> int:
     # What running_stack does for a local Ray: the nodes' processes inherit the proxy's limit.
     os.environ[RAY_GRPC_MAX_MESSAGE_ENV] = str(config.grpc_max_message_bytes)
-    deployed, stop, failed = threading.Event(), threading.Event(), threading.Event()
+    deployed, failed = threading.Event(), threading.Event()
+    stacks: list[RunningStack] = []
+
+    def serve_app() -> None:  # serve.run returns once both engine replicas run
+        try:
+            with running_stack(config) as stack:
+                stacks.append(stack)
+                deployed.set()
+                threading.Event().wait()  # until the process ends with the cluster
+        except BaseException:
+            failed.set()
+            raise
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         ray.init(address=cluster.address, logging_level="WARNING")
@@ -89,20 +110,7 @@ def main(model_path: str) -> int:
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
             http_options={"host": "127.0.0.1", "port": 0},
         )
-        stacks: list[RunningStack] = []
-
-        def serve_app() -> None:  # serve.run returns once both engine replicas run
-            try:
-                with running_stack(config) as stack:
-                    stacks.append(stack)
-                    deployed.set()
-                    stop.wait()
-            except BaseException:
-                failed.set()
-                raise
-
-        server = threading.Thread(target=serve_app, name="serve-app", daemon=True)
-        server.start()
+        threading.Thread(target=serve_app, name="serve-app", daemon=True).start()
         wait_for(
             lambda: all(replica_pids(d) for d in (*FRONT_END, f"engine-{MODEL_NAME}")),
             "the front end and the first engine replica on the head",
@@ -111,26 +119,27 @@ def main(model_path: str) -> int:
         second = cluster.add_node(num_cpus=1)  # here: Ray's node setup needs the main thread
         wait_for(deployed.is_set, "the second engine replica", failed)
         (stack,) = stacks
-        with ApiKeyStore(stack.config.redis_url, config.queue.key_prefix) as keys:
+        with ApiKeyStore(config.redis_url, config.queue.key_prefix) as keys:
             api_key, _ = keys.create("tester")
         wait_ready(stack.grpc_target, api_key)
         raylet = second.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
         ready = {
             "target": stack.grpc_target,
             "api_key": api_key,
-            "redis_url": stack.config.redis_url,
+            "redis_url": config.redis_url,
             "key_prefix": config.queue.key_prefix,
             "app_name": APP_NAME,
             "second_node_raylet_pid": raylet.pid,
             "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+            "startup_s": round(time.monotonic() - started, 1),
         }
-        print(json.dumps(ready), flush=True)
+        # Ray forwards the workers' stdout here too: the line carries a prefix to be found by.
+        print(READY_PREFIX + json.dumps(ready), flush=True)
         sys.stdin.readline()  # serve until told to stop (or stdin closes)
-        stop.set()
-        server.join(timeout=120)
         return 0
     finally:
-        stop.set()
+        # The whole cluster at once: quicker than Serve draining replica by replica, and
+        # nothing here needs to survive.
         ray.shutdown()
         cluster.shutdown()
 
