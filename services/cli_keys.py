@@ -12,10 +12,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TypeVar
 
 import redis
 
+from services.config import expand_environment
 from services.errors import InvalidParameterError, TokenlineError
 from services.ingress.api_keys import ApiKeyStore, KeyRecord
 
@@ -35,6 +37,13 @@ def add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     create.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = unlimited)")
     create.add_argument(
         "--tpm", type=int, default=0, help="tokens per minute, prompt + max_tokens (0 = unlimited)"
+    )
+    create.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help="register the key in this file instead of drawing one (a deployment's bootstrap key); "
+        "idempotent, the key is not printed",
     )
     _add_redis_args(create)
     create.set_defaults(handler=_create)
@@ -60,7 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_redis_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", required=True, help="Redis the serving stack uses")
+    parser.add_argument(
+        "--redis-url",
+        required=True,
+        help="Redis the serving stack uses; ${NAME} in it reads an environment variable",
+    )
     parser.add_argument("--key-prefix", default="tl", help="key prefix of the deployment (default: tl)")
 
 
@@ -71,6 +84,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.key_file is not None:
+        return _register(args, models)
     key_and_record = _run(args, lambda store: store.create(args.tenant, models, args.rpm, args.tpm))
     if key_and_record is None:
         return 1
@@ -80,6 +95,21 @@ def _create(args: argparse.Namespace) -> int:
         f"created key id {record.key_id} for tenant {record.tenant!r}. Store the key now: "
         "it is not shown again (Redis keeps only its digest)."
     )
+    return 0
+
+
+def _register(args: argparse.Namespace, models: list[str]) -> int:
+    try:
+        key = args.key_file.read_text().strip()
+    except OSError as error:
+        _stderr(f"error: --key-file: {error.strerror}: {args.key_file}")
+        return 1
+    outcome = _run(args, lambda store: store.register(key, args.tenant, models, args.rpm, args.tpm))
+    if outcome is None:
+        return 1
+    record, stored = outcome
+    state = "registered" if stored else "already registered"
+    print(f"{state}: key id {record.key_id} for tenant {record.tenant!r}")
     return 0
 
 
@@ -124,7 +154,7 @@ def _list(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, action: Callable[[ApiKeyStore], T]) -> T | None:
     """Run ``action(store)``; report a bad argument or an unreachable Redis on stderr (None)."""
     try:
-        with ApiKeyStore(args.redis_url, args.key_prefix) as store:
+        with ApiKeyStore(expand_environment("--redis-url", args.redis_url), args.key_prefix) as store:
             return action(store)
     except InvalidParameterError as error:
         _stderr(f"error: {error.field}: {error.reason} (got {error.value!r})")

@@ -7,6 +7,7 @@ and from CLI flags for ``tokenline serve``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.engine.config import EngineConfig
+from services.errors import InvalidParameterError
 from services.queue.config import QueueConfig
 
 
@@ -61,6 +63,12 @@ class ModelConfig(BaseModel):
     )
     engine_num_gpus: float = Field(
         default=0.0, ge=0.0, description="GPUs each engine replica reserves in Ray."
+    )
+    engine_max_replicas_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most engine replicas of this model on one Ray node (1: one per node, so that "
+        "losing a node loses one replica); None: no limit.",
     )
     default_max_tokens: int = Field(
         default=256, ge=1, description="max_tokens when a request leaves it unset."
@@ -119,7 +127,10 @@ class AppConfig(BaseModel):
         default="", description="Model used when a request names none; '' = the first."
     )
     redis_url: str = Field(
-        default="", description="Redis URL; '' makes `tokenline serve` start a private one."
+        default="",
+        description="Redis URL; '' makes `tokenline serve` start a private one. `${NAME}` is replaced "
+        "with the environment variable NAME where the application is built (a password from a "
+        "Kubernetes Secret, kept out of the Serve config).",
     )
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="The gRPC port clients dial.")
     grpc_ingress: Literal["haproxy", "direct", "proxy"] = Field(
@@ -159,6 +170,10 @@ class AppConfig(BaseModel):
             raise ValueError(f"default_model: {self.default_model!r} is not one of {names}")
         return self
 
+    def with_environment(self) -> AppConfig:
+        """This config with the ``${NAME}`` references of ``redis_url`` filled in."""
+        return self.model_copy(update={"redis_url": expand_environment("redis_url", self.redis_url)})
+
     @property
     def default_model_name(self) -> str:
         return self.default_model or self.models[0].name
@@ -178,6 +193,22 @@ class AppConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: Path) -> AppConfig:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_environment(field: str, text: str) -> str:
+    """``text`` with every ``${NAME}`` replaced by the environment variable NAME; a variable
+    that is not set is an error naming the field and the variable."""
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise InvalidParameterError(field, name, "names an environment variable that is not set")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(value_of, text)
 
 
 def local_api_key_path() -> Path:

@@ -7,6 +7,7 @@ import logging
 import pickle
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -262,3 +263,42 @@ def test_cli_reports_bad_input_and_unreachable_redis(
     assert keys_main(["keys", "list", "--redis-url", "redis://127.0.0.1:1/0"]) == 1
     assert "cannot reach Redis" in capsys.readouterr().err
     assert keys_main(["keys"]) == 2
+
+
+def test_cli_registers_a_given_key_once_and_never_prints_it(
+    redis_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`keys create --key-file`: a deployment's bootstrap key (the Helm chart's Job runs this)."""
+    key = "tl_" + "A" * 20 + "b-_" * 7 + "xy"
+    key_file = tmp_path / "api-key"
+    key_file.write_text(key + "\n")
+    # ${NAME} in --redis-url reads the environment (the chart passes the password this way).
+    monkeypatch.setenv("QUEUE_URL_FOR_TEST", redis_url)
+    args = [
+        "keys",
+        "create",
+        "--tenant",
+        "admin",
+        "--key-file",
+        str(key_file),
+        "--redis-url",
+        "${QUEUE_URL_FOR_TEST}",
+    ]
+    assert keys_main(args) == 0
+    first = capsys.readouterr()
+    assert first.out == f"registered: key id {hash_key(key)[:12]} for tenant 'admin'\n"
+    assert authenticate(redis_url, bearer(key)).name == "admin"
+    assert keys_main([*args[:3], "other", *args[4:]]) == 0, "a retried registration succeeds"
+    again = capsys.readouterr()
+    assert again.out.startswith("already registered") and "'admin'" in again.out
+    assert key not in first.out + first.err + again.out + again.err
+
+    key_file.write_text("tl_short-and-secret")
+    assert keys_main(args) == 1
+    refused = capsys.readouterr().err
+    assert "key" in refused and "short-and-secret" not in refused
+    assert keys_main([*args[:5], str(tmp_path / "missing"), *args[6:]]) == 1
+    assert "--key-file" in capsys.readouterr().err
+    monkeypatch.delenv("QUEUE_URL_FOR_TEST")
+    assert keys_main(args) == 1
+    assert "QUEUE_URL_FOR_TEST" in capsys.readouterr().err

@@ -208,6 +208,30 @@ class ApiKeyStore(RedisOwner):
             logger.warning("api key id collision; drawing another key", extra={"key_id": record.key_id})
         raise TokenlineError(f"could not draw an unused key id in {_CREATE_ATTEMPTS} attempts")
 
+    def register(
+        self, key: str, tenant: str, models: Sequence[str] = (), rpm: int = 0, tpm: int = 0
+    ) -> tuple[KeyRecord, bool]:
+        """Store a key made elsewhere (a deployment's bootstrap key from a Kubernetes Secret).
+        Idempotent: a key that is already stored keeps its record; the flag says whether it
+        was stored now. The key itself never appears in an error or a log line."""
+        if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+            shown = f"<{len(key)} characters>" if isinstance(key, str) else type(key).__name__
+            raise InvalidParameterError("key", shown, "must be tl_ followed by 43 of [A-Za-z0-9_-]")
+        check_name("tenant", tenant)
+        allowed = tuple(dict.fromkeys(check_name("models", m) for m in models))
+        check_quota("requests_per_minute", rpm)
+        check_quota("tokens_per_minute", tpm)
+        key_hash = hash_key(key)
+        record = KeyRecord(key_id_of(key_hash), tenant, allowed, rpm, tpm, time.time())
+        keys = [self._keys.records, self._keys.ids]
+        if self._create(keys=keys, args=[key_hash, record.key_id, record.to_json(key_hash)]):
+            logger.info("api key registered", extra={"key_id": record.key_id, "tenant": tenant})
+            return record, True
+        existing: str | None = self._redis.hget(self._keys.records, key_hash)  # type: ignore[assignment]
+        if existing is None:
+            raise TokenlineError(f"key id {record.key_id} is taken by another key; use another key")
+        return KeyRecord.from_json(existing)[0], False
+
     def revoke(self, key_id: str) -> bool:
         """Delete the key with this id. False when no key has it."""
         if not isinstance(key_id, str) or not _KEY_ID_PATTERN.fullmatch(key_id):

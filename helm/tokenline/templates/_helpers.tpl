@@ -43,6 +43,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: ray
 {{- end -}}
 
+{{/* Labels of the bootstrap-key Job's pod: the NetworkPolicy admits it to Redis. */}}
+{{- define "tokenline.bootstrapKeyPodLabels" -}}
+{{ include "tokenline.selectorLabels" . }}
+app.kubernetes.io/component: bootstrap-key
+{{- end -}}
+
 {{- define "tokenline.redisName" -}}
 {{- printf "%s-redis" (include "tokenline.fullname" .) -}}
 {{- end -}}
@@ -65,13 +71,64 @@ app.kubernetes.io/component: redis
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* The Redis URL the application uses: the chart's Redis, or an external one. */}}
+{{- define "tokenline.redisHost" -}}
+{{- printf "%s.%s.svc.%s" (include "tokenline.redisName" .) .Release.Namespace .Values.clusterDomain -}}
+{{- end -}}
+
+{{/* The Secret holding the Redis password: the chart's own, or redis.auth.existingSecret.
+     Empty when there is none (an external Redis given without existingSecret). */}}
+{{- define "tokenline.redisSecretName" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecret -}}
+{{- else if .Values.redis.enabled -}}
+{{- printf "%s-redis-auth" (include "tokenline.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment variable that carries the Redis password into every container that
+     connects to Redis; the application fills it into ${...} of its Redis URL. */}}
+{{- define "tokenline.redisPasswordEnv" -}}
+{{- with include "tokenline.redisSecretName" . -}}
+- name: TOKENLINE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.auth.existingSecretPasswordKey }}
+{{- end -}}
+{{- end -}}
+
+{{/* The Redis URL the application uses: the chart's Redis, or an external one. For the
+     chart's Redis the password stays a reference, ${TOKENLINE_REDIS_PASSWORD}, which the
+     application fills in from its environment (set from the Secret), so it never appears in
+     the RayService or its Serve config. */}}
 {{- define "tokenline.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-{{- printf "redis://%s.%s.svc.%s:%d/0" (include "tokenline.redisName" .) .Release.Namespace .Values.clusterDomain (int .Values.redis.port) -}}
+{{- printf "redis://:${TOKENLINE_REDIS_PASSWORD}@%s:%d/0" (include "tokenline.redisHost" .) (int .Values.redis.port) -}}
 {{- else -}}
 {{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the bootstrap API key. */}}
+{{- define "tokenline.apiKeySecretName" -}}
+{{- default (printf "%s-api-key" (include "tokenline.fullname" .)) .Values.bootstrapKey.existingSecret -}}
+{{- end -}}
+
+{{/* An init container that waits until the chart's Redis answers PING (authenticated). */}}
+{{- define "tokenline.waitForRedis" -}}
+- name: wait-for-redis
+  image: "{{ .Values.redis.image.repository }}:{{ .Values.redis.image.tag }}"
+  imagePullPolicy: {{ .Values.redis.image.pullPolicy }}
+  env:
+    - name: REDISCLI_AUTH
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "tokenline.redisSecretName" . }}
+          key: {{ .Values.redis.auth.existingSecretPasswordKey }}
+  command:
+    - /bin/sh
+    - -c
+    - until redis-cli -h {{ include "tokenline.redisName" . }} -p {{ int .Values.redis.port }} ping | grep -q PONG; do echo waiting for redis; sleep 2; done
 {{- end -}}
 
 {{/* The Serve config file (same schema as cluster/serve-config.yaml), as YAML. */}}
@@ -121,6 +178,9 @@ imagePullPolicy: {{ .Values.image.pullPolicy }}
 env:
   - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
     value: {{ .Values.serve.app.grpc_max_message_bytes | default 4194304 | int | quote }}
+  {{- with include "tokenline.redisPasswordEnv" . }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
