@@ -54,7 +54,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
 
     tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
-    ).bind(paths, app_config.default_model_name)
+    ).bind(paths, app_config.default_model_name, {m.name: m.engine.max_model_len for m in app_config.models})
     detokenizer = _deployment(DetokenizerService, name="detokenizer", **stream_holder).bind(
         paths, app_config.redis_url, app_config.queue
     )

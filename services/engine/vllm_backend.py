@@ -123,7 +123,8 @@ class VllmEngine:
         try:
             self._engine = LLMEngine.from_engine_args(args)
         except ValueError as error:  # e.g. a KV cache too small for one max_model_len sequence
-            raise InvalidParameterError("engine", config.model, f"vLLM refused the settings: {error}") from error
+            reason = f"vLLM refused the settings: {error}"
+            raise InvalidParameterError("engine", config.model, reason) from error
         self._vocab_size = int(self._engine.model_config.get_vocab_size())
         self._scheduler = self._engine.engine_core.engine_core.scheduler
         self._block_pool = self._scheduler.kv_cache_manager.block_pool
@@ -273,6 +274,13 @@ class VllmEngine:
             raise InvalidParameterError(
                 "output_prefix", len(output_prefix), f"already holds max_tokens={params.max_tokens} tokens"
             )
+
+
+def vllm_block_size(block_size: int, device: str) -> int:
+    """The block size vLLM can use nearest to ``block_size``: on CPU the next multiple of 32."""
+    if device.startswith("cuda"):
+        return block_size
+    return -(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
 
 
 def _check_block_size(config: EngineConfig) -> None:
