@@ -45,7 +45,10 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             config = config.model_copy(update={"redis_url": redis_server.url})
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
-            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a Ray of our own. With no address, ray.init joins the newest cluster that
+            # `ray start` left on this machine, and serve.shutdown would then stop its apps.
+            address = ray_address or "local"
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
         serve.start(
             grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
