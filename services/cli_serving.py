@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from services.config import AppConfig, ModelConfig, local_api_key_path
+from services.engine.config import BACKENDS
+from services.engine.vllm_backend import vllm_block_size
 
 
 def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +26,14 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     serve_cmd.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start one)")
     serve_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
     serve_cmd.add_argument("--engine-replicas", type=int, default=None, help="engine replicas per model")
+    serve_cmd.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="engine backend of the first model (default: the config's, else native). vllm needs "
+        "`make install-vllm`; on CPU it needs block_size a multiple of 32, so a smaller block size "
+        "in the config is raised to 32",
+    )
     serve_cmd.add_argument("--no-auth", action="store_true", help="accept RPCs without an API key")
     serve_cmd.set_defaults(handler=_serve)
 
@@ -45,7 +55,7 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
 def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     config = AppConfig.from_yaml(args.config) if args.config else AppConfig()
     updates: dict[str, object] = {}
-    if args.model or args.engine_replicas or args.model_name:
+    if args.model or args.engine_replicas or args.model_name or args.backend:
         base = config.models[0]
         model_updates: dict[str, object] = {}
         if args.model:
@@ -55,11 +65,19 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
             model_updates["name"] = args.model_name
         if args.engine_replicas:
             model_updates["engine_replicas"] = args.engine_replicas
+        if args.backend:
+            engine = base.engine.model_copy(update={"backend": args.backend})
+            if args.backend == "vllm":
+                engine = engine.model_copy(
+                    update={"block_size": vllm_block_size(engine.block_size, engine.device)}
+                )
+            model_updates["engine"] = engine.model_dump()
         updates["models"] = (
             ModelConfig.model_validate({**base.model_dump(), **model_updates}),
             *config.models[1:],
         )
-        updates["default_model"] = ""
+        if "name" in model_updates:
+            updates["default_model"] = ""
     if args.redis_url:
         updates["redis_url"] = args.redis_url
     if args.grpc_port is not None:

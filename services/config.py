@@ -9,34 +9,61 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.engine.config import EngineConfig
+from services.engine.config import Backend, EngineConfig
 from services.errors import InvalidParameterError
 from services.queue.config import QueueConfig
 
 
+def _engine_default(name: str) -> Any:
+    """The default of an engine knob: EngineConfig holds the one value."""
+    return EngineConfig.__dataclass_fields__[name].default
+
+
 class EngineSettings(BaseModel):
-    """Engine knobs of one model; ``EngineConfig`` minus the checkpoint path."""
+    """Engine knobs of one model; ``EngineConfig`` minus the checkpoint path. Every default
+    comes from ``EngineConfig`` (services/engine/config.py), so there is one per knob."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    backend: Backend = Field(
+        default=_engine_default("backend"),
+        description="'native' (tokenline's engine) or 'vllm' (vLLM's engine; `make install-vllm`).",
+    )
     device: str = Field(
-        default="cpu", description="'cpu' or 'cuda[:N]'; engine replicas reserve a GPU for cuda."
+        default=_engine_default("device"),
+        description="'cpu' or 'cuda[:N]'; engine replicas reserve a GPU for cuda.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Weights and KV dtype."
+        default=_engine_default("dtype"), description="Weights and KV dtype."
     )
-    block_size: int = Field(default=16, description="Tokens per KV-cache block (power of two).")
-    kv_cache_memory_gib: float = Field(default=0.5, description="Memory for the paged KV cache per replica.")
-    max_num_seqs: int = Field(default=32, description="Most sequences one replica runs at once.")
-    max_num_batched_tokens: int = Field(default=512, description="Per-step token budget (chunked prefill).")
-    max_model_len: int | None = Field(default=None, description="Context limit; None: the model's own.")
+    block_size: int = Field(
+        default=_engine_default("block_size"),
+        description="Tokens per KV-cache block (power of two; vLLM on CPU: a multiple of 32).",
+    )
+    kv_cache_memory_gib: float = Field(
+        default=_engine_default("kv_cache_memory_gib"),
+        description="Memory for the paged KV cache per replica.",
+    )
+    max_num_seqs: int = Field(
+        default=_engine_default("max_num_seqs"), description="Most sequences one replica runs at once."
+    )
+    max_num_batched_tokens: int = Field(
+        default=_engine_default("max_num_batched_tokens"),
+        description="Per-step token budget (chunked prefill).",
+    )
+    max_model_len: int | None = Field(
+        default=_engine_default("max_model_len"),
+        description="Context limit (prompt + output); None: the model's own. The ingress refuses longer "
+        "prompts with INVALID_ARGUMENT.",
+    )
     enable_prefix_caching: bool = Field(
-        default=True, description="Reuse KV blocks of shared prompt prefixes."
+        default=_engine_default("enable_prefix_caching"),
+        description="Reuse KV blocks of shared prompt prefixes.",
     )
     num_threads: int = Field(default=1, ge=1, description="torch intra-op threads per engine replica.")
 

@@ -12,6 +12,13 @@ from services.queue.redis_server import RedisServer
 from tests.serving_stack import Stack, stack_config, start_stack
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One Serve instance per process: a module that starts a stack of its own (it sets
+    ``OWN_STACK = True``) runs before any test asks for the shared ``stack``, and its stack is
+    gone (module scope) before the shared one starts."""
+    items.sort(key=lambda item: not getattr(item.module, "OWN_STACK", False))
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One private redis-server for the whole session (AOF, appendfsync always)."""

@@ -406,6 +406,45 @@ def test_chart_serve_args_validate_as_app_config_and_build() -> None:
     assert gpus_there >= gpus_needed, "the GPU worker group cannot hold every engine replica"
 
 
+def helm_merge(base: Any, override: Any) -> Any:
+    """Helm's merge of values files: maps key by key, everything else (lists too) replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {key: helm_merge(base.get(key), value) for key, value in override.items()} | {
+            key: value for key, value in base.items() if key not in override
+        }
+    return override
+
+
+def test_chart_defaults_are_the_tested_cpu_path() -> None:
+    """values.yaml runs engines as the tests do (CPU, float32); GPU settings live apart."""
+    values = chart_values()
+    config = AppConfig.model_validate({**values["serve"]["app"], "redis_url": "redis://r:6379/0"})
+    for model in config.models:
+        assert (model.engine.device, model.engine.dtype, model.engine_num_gpus) == ("cpu", "float32", 0)
+    assert values["gpuWorkers"]["replicas"] == 0
+
+
+def test_chart_gpu_values_validate_and_fit_the_gpu_group() -> None:
+    values = helm_merge(chart_values(), load_yaml(CHART / "values-gpu.yaml"))
+    args = {
+        **values["serve"]["app"],
+        "app_name": "tokenline",
+        "grpc_port": 50051,
+        "redis_url": "redis://r:6379/0",
+    }
+    config = AppConfig.model_validate(args)
+    assert all(m.engine.device.startswith("cuda") and m.engine_num_gpus >= 1 for m in config.models)
+    gpus_needed = sum(m.engine_replicas * m.engine_num_gpus for m in config.models)
+    assert values["gpuWorkers"]["replicas"] * values["gpuWorkers"]["gpusPerPod"] >= gpus_needed
+    built_deployments(args, "services.app:build_app")
+
+
+def test_serve_config_defaults_are_the_tested_cpu_path() -> None:
+    config = AppConfig.model_validate(serve_application()["args"])
+    for model in config.models:
+        assert (model.engine.device, model.engine.dtype, model.engine_num_gpus) == ("cpu", "float32", 0)
+
+
 def test_chart_sets_the_grpc_message_limit_on_every_ray_container() -> None:
     """Every Ray container (head and both worker groups) gets the shared container settings,
     whose env sets the proxy's limit from serve.app.grpc_max_message_bytes, whose value is

@@ -1,14 +1,21 @@
-"""Engine configuration: a small validated dataclass with one default per knob."""
+"""Engine configuration: a small validated dataclass with one default per knob.
+
+These defaults are the only ones: the application's ``EngineSettings``
+(services/config.py) takes each of its defaults from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from services.errors import InvalidParameterError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Backend = Literal["native", "vllm"]
+BACKENDS: tuple[Backend, ...] = ("native", "vllm")
 
 
 @dataclass(frozen=True)
@@ -17,16 +24,19 @@ class EngineConfig:
 
     ``max_num_batched_tokens`` is the per-step token budget shared by the decodes of
     all running sequences and the prefill chunks of new ones (chunked prefill).
+    ``backend`` picks the engine that runs it: ours (``native``) or vLLM's
+    (``vllm``, services/engine/vllm_backend.py); see services/engine/backend.py.
     """
 
     model: str
+    backend: Backend = "native"
     device: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
-    kv_cache_memory_gib: float = 1.0
+    kv_cache_memory_gib: float = 0.5
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gib when set
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that come without one
@@ -34,6 +44,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise InvalidParameterError("model", self.model, "a checkpoint directory is required")
+        if self.backend not in BACKENDS:
+            raise InvalidParameterError("backend", self.backend, f"must be one of {list(BACKENDS)}")
         if self.dtype not in _DTYPES:
             raise InvalidParameterError("dtype", self.dtype, f"must be one of {sorted(_DTYPES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
-from services.engine.engine import Engine
 from services.engine.outputs import RequestOutput
 from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, Usage
@@ -83,7 +83,7 @@ class EngineReplica:
     ) -> None:
         torch.set_num_threads(num_threads)
         self.model_name = model_name
-        self.engine = Engine(engine_config)
+        self.engine = make_engine(engine_config)
         self.queue = EngineQueue(redis_url, queue_config)
         self.queue.ensure_group(model_name)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

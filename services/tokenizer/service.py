@@ -32,8 +32,18 @@ class ModelInfo:
 
 
 class TokenizerService:
-    def __init__(self, model_paths: Mapping[str, str], default_model: str) -> None:
-        self._tokenizers = {name: PromptTokenizer(path) for name, path in model_paths.items()}
+    def __init__(
+        self,
+        model_paths: Mapping[str, str],
+        default_model: str,
+        max_model_lens: Mapping[str, int | None] | None = None,
+    ) -> None:
+        """``max_model_lens``: each model's configured engine context limit (None: the model's
+        own), so that the ingress refuses a prompt the engine could not run."""
+        limits = max_model_lens or {}
+        self._tokenizers = {
+            name: PromptTokenizer(path, limits.get(name)) for name, path in model_paths.items()
+        }
         self._default_model = default_model
 
     def models(self) -> list[ModelInfo]:

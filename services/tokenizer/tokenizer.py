@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 class PromptTokenizer:
     """Encodes text, chats and batches of prompts for the model in ``checkpoint_dir``."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, checkpoint_dir: str | os.PathLike[str], max_model_len: int | None = None) -> None:
+        """``max_model_len``: the engine's configured context limit, if any; the tokenizer
+        refuses prompts against the smaller of it and the model's own, as the engine would."""
         path = Path(checkpoint_dir)
         config = _read_json(path / "config.json")
         if config is None:
@@ -54,7 +56,8 @@ class PromptTokenizer:
         self._backend.no_truncation()
         self._backend.no_padding()
         self._decoder = TextDecoder(self._backend)
-        self._max_context_length = _positive_int(config, "max_position_embeddings", path)
+        model_limit = _positive_int(config, "max_position_embeddings", path)
+        self._max_context_length = min(max_model_len or model_limit, model_limit)
         # Ids the tokenizer knows and the model's embedding has rows for; either may be
         # the larger (embeddings are often padded to a multiple of 64).
         model_vocab = config.get("vocab_size")
