@@ -579,3 +579,20 @@ def test_dockerfile_builds_what_the_chart_and_pyproject_pin() -> None:
     assert [m["path"] for m in values["serve"]["app"]["models"]] == [None], (
         "the default model is the baked-in demo"
     )
+
+
+@pytest.mark.parametrize("mode", ["haproxy", "direct", "proxy"])
+def test_every_ray_container_gets_the_ingress_environment_of_its_app(helm: str, mode: str) -> None:
+    """Serve reads direct ingress and HAProxy from the Ray processes' environment only: each Ray
+    container carries exactly what ``ingress_environment`` derives from the rendered app args."""
+    from services.config import AppConfig
+    from services.server import ingress_environment
+
+    documents = render(helm, f"serve.app.grpc_ingress={mode}")
+    rayservice = one(documents, "RayService")
+    args = app_args(rayservice)
+    assert args.get("grpc_ingress", "haproxy") == mode
+    wanted = ingress_environment(AppConfig.model_validate({**args, "redis_url": "redis://x"}))
+    for container in ray_containers(rayservice):
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert {name: env.get(name) for name in wanted} == wanted, container["name"]

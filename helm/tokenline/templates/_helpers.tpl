@@ -178,6 +178,7 @@ imagePullPolicy: {{ .Values.image.pullPolicy }}
 env:
   - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
     value: {{ .Values.serve.app.grpc_max_message_bytes | default 4194304 | int | quote }}
+  {{- include "tokenline.ingressEnv" . | nindent 2 }}
   {{- with include "tokenline.redisPasswordEnv" . }}
   {{- . | nindent 2 }}
   {{- end }}
@@ -194,4 +195,38 @@ lifecycle:
   preStop:
     exec:
       command: ["/bin/sh", "-c", "sleep {{ int .Values.drainSeconds }}"]
+{{- end -}}
+
+
+{{/* How gRPC calls reach the ingress replicas (AppConfig.grpc_ingress; the same variables
+     services.server.ingress_environment sets for `tokenline serve`). "haproxy" (default):
+     every ingress replica serves gRPC itself from grpc.port+1 on, and HAProxy, which Serve
+     starts in every Ray pod, listens on grpc.port. "proxy": Serve's Python gRPC proxy. */}}
+{{- define "tokenline.ingressEnv" -}}
+{{- $mode := .Values.serve.app.grpc_ingress | default "haproxy" -}}
+{{- $port := int .Values.grpc.port -}}
+{{- if eq $mode "proxy" }}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "0"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "0"
+{{- else }}
+{{- $first := ternary (add $port 1) $port (eq $mode "haproxy") | int }}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "1"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: {{ ternary "1" "0" (eq $mode "haproxy") | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT
+  value: {{ $first | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT
+  value: {{ add $first 100 | quote }}
+- name: RAY_SERVE_PORT_QUARANTINE_S
+  value: {{ ternary "0" "60" (eq $mode "direct") | quote }}
+- name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
+  value: {{ .Values.serve.app.grpc_max_message_bytes | default 4194304 | int | quote }}
+- name: RAY_SERVE_HAPROXY_METRICS_PORT
+  value: {{ add $first 101 | quote }}
+- name: RAY_SERVE_HAPROXY_STATS_PORT
+  value: {{ add $first 102 | quote }}
+{{- end }}
 {{- end -}}
