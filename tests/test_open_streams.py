@@ -21,6 +21,7 @@ from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
 from tests.serving_stack import Stack, stack_config, start_stack
 from tests.stack_probes import alive_pids
 
+OWN_STACK = True  # runs before the shared stack exists (see conftest)
 STREAMS = 512
 MAX_TOKENS = 8
 # Engines, detokenizers, tokenizer and the ingress each keep a few pooled connections; the
