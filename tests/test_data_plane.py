@@ -156,7 +156,9 @@ def test_one_reader_feeds_512_open_streams_with_few_connections(redis_url: str) 
                     pipe.execute()
                     await asyncio.sleep(0.05)
                     peak = max(peak, sum(1 for c in writer.client_list() if c["cmd"] != "client|list"))
-            return await asyncio.gather(*followers), peak
+            texts = await asyncio.gather(*followers)
+            await fanout.aclose()
+            return texts, peak
 
     texts, peak_connections = asyncio.run(main())
     assert texts == ["".join(f"<{p}>" for p in range(pieces))] * count
@@ -201,7 +203,9 @@ def test_reader_drops_text_written_twice_for_the_same_tokens(redis_url: str) -> 
                     if final:
                         fields["f"] = b"length"
                     writer.xadd(keys.text("dup"), fields)
-            return [delta async for delta in fanout.follow("dup")]
+            deltas = [delta async for delta in fanout.follow("dup")]
+            await fanout.aclose()
+            return deltas
 
     deltas = asyncio.run(main())
     assert [d.token_index for d in deltas] == [0]

@@ -10,6 +10,7 @@ are open, and a token costs one read slot shared with every other stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class TextFanout:
         self._reader: asyncio.Task[None] | None = None
         self._waker: asyncio.Task[None] | None = None
         self._wake_wanted = False
+        self._closed = False
 
     @property
     def open_streams(self) -> int:
@@ -125,9 +127,18 @@ class TextFanout:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
+    async def aclose(self) -> None:
+        """Stop the reader (and a pending wake-up); open calls get nothing more."""
+        self._closed = True
+        for task in (self._reader, self._waker):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
     async def _read_forever(self) -> None:
         outage = Backoff()
-        while True:
+        while not self._closed:
             try:
                 texts, self._wake_after = await self._queue.read_texts(
                     dict(self._cursors), self._wake_key, self._wake_after, READ_BLOCK_MS
