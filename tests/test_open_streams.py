@@ -14,19 +14,19 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-import redis
 
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
+from services.queue.connection import MAX_ASYNC_CONNECTIONS
 from tests.serving_stack import Stack, stack_config, start_stack
 from tests.stack_probes import alive_pids
 
 OWN_STACK = True  # runs before the shared stack exists (see conftest)
 STREAMS = 512
 MAX_TOKENS = 8
-# Engines, detokenizers, tokenizer and the ingress each keep a few pooled connections; the
-# bound is what a constant per replica allows, far below one per open stream.
-MAX_REDIS_CLIENTS = 64
+# The ingress's three Redis clients (queue, keys, rate limits) each pool at most
+# MAX_ASYNC_CONNECTIONS; one of the queue's is the shared blocking read. Far below one per stream.
+MAX_INGRESS_CONNECTIONS = 3 * MAX_ASYNC_CONNECTIONS
 MAX_INGRESS_GROWTH_BYTES = 128 * 2**20
 
 
@@ -36,10 +36,11 @@ def big_queue_stack(demo_model_dir: Path) -> Iterator[Stack]:
 
 
 class _ClientSampler:
-    """Samples Redis's connected clients while the streams run."""
+    """Samples the ingress process's TCP connections to Redis while the streams run."""
 
-    def __init__(self, url: str) -> None:
-        self._redis = redis.Redis.from_url(url)
+    def __init__(self, url: str, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self._port = int(url.rsplit(":", 1)[1].split("/")[0])
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -47,12 +48,13 @@ class _ClientSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self.peak = max(self.peak, int(self._redis.info("clients")["connected_clients"]))
+            connections = self._process.net_connections(kind="tcp")
+            to_redis = sum(1 for c in connections if c.raddr and c.raddr.port == self._port)
+            self.peak = max(self.peak, to_redis)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        self._redis.close()
         return self.peak
 
 
@@ -79,7 +81,7 @@ def test_512_open_streams_on_one_ingress_replica(big_queue_stack: Stack) -> None
 
             return await asyncio.gather(*(one(i) for i in range(STREAMS)))
 
-    sampler = _ClientSampler(stack.config.redis_url)
+    sampler = _ClientSampler(stack.config.redis_url, ingress_pid)
     started = time.monotonic()
     try:
         outputs = asyncio.run(run_all())
@@ -87,6 +89,8 @@ def test_512_open_streams_on_one_ingress_replica(big_queue_stack: Stack) -> None
         peak_clients = sampler.stop()
     elapsed = time.monotonic() - started
     assert [len(ids) for ids in outputs] == [MAX_TOKENS] * STREAMS, "every stream complete"
-    assert peak_clients <= MAX_REDIS_CLIENTS, f"{peak_clients} Redis connections for {STREAMS} streams"
+    assert 0 < peak_clients <= MAX_INGRESS_CONNECTIONS, (
+        f"the ingress held {peak_clients} Redis connections for {STREAMS} streams"
+    )
     growth = psutil.Process(ingress_pid).memory_info().rss - rss_before
     assert growth <= MAX_INGRESS_GROWTH_BYTES, f"ingress grew {growth / 2**20:.0f} MiB in {elapsed:.0f} s"

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 # Open streams share one blocking reader per ingress replica, so connections are only needed
 # for concurrent short commands (enqueue, auth, cancel) and that one read. Past this many,
 # callers wait up to POOL_WAIT_S for a free one instead of failing.
-MAX_ASYNC_CONNECTIONS = 64
+MAX_ASYNC_CONNECTIONS = 16
 POOL_WAIT_S = 5.0
 
 _SyncOwner = TypeVar("_SyncOwner", bound="RedisOwner")
