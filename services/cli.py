@@ -48,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     engine = bench_kinds.add_parser("engine", help="engine vs transformers generate / generate_batch")
     engine.add_argument("--json", type=Path, default=None, help="write the results here")
     engine.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
+    engine.add_argument(
+        "--against", choices=["vllm"], default=None, help="run vLLM's LLM.generate instead of transformers"
+    )
+    engine.add_argument("--model", type=Path, default=None, help="--against: checkpoint (default: SmolLM2)")
+    engine.add_argument("--dtype", default="float32", help="--against: float32 | bfloat16")
+    engine.add_argument(
+        "--threads", type=int, default=1, help="--against: torch intra-op threads, both sides"
+    )
+    engine.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=None,
+        help="--against: a Python with vLLM (else $TOKENLINE_VLLM_PYTHON, /work/venv-vllm)",
+    )
     engine.set_defaults(handler=_bench_engine)
     pipeline = bench_kinds.add_parser("pipeline", help="the whole stack over gRPC vs the engine in-process")
     pipeline.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -96,6 +110,11 @@ def _smollm2(args: argparse.Namespace) -> int:
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
+    if args.against == "vllm":
+        from loadtest.against_vllm import run_against_vllm, stderr
+
+        run_against_vllm(args.model, args.dtype, args.threads, args.json, args.vllm_python, log=stderr)
+        return 0
     from loadtest.engine_bench import run_engine_benchmark
 
     run_engine_benchmark(quick=args.quick, json_path=args.json)
