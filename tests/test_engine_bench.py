@@ -60,3 +60,27 @@ def test_bench_engine_smoke(tmp_path: Path) -> None:
     assert on_disk["decode_b1_tok_s"] > 0
     assert on_disk["copy_bandwidth_gb_s"] > 0
     assert results["ratio_vs_hf_static"] == on_disk["ratio_vs_hf_static"]
+
+
+def test_bench_against_vllm_without_vllm_says_so_and_runs_ours(tmp_path: Path) -> None:
+    from loadtest.against_vllm import run_against_vllm
+    from loadtest.bench_model import build_checkpoint
+
+    model = build_checkpoint(TINY_MODEL, tmp_path / "tiny", seed=0)
+    messages: list[str] = []
+    results = run_against_vllm(
+        model.path,
+        "float32",
+        1,
+        tmp_path / "against.json",
+        vllm_python=tmp_path / "no-such-python",
+        log=messages.append,
+        workload_spec=WorkloadSpec(num_requests=3, prompt_len_range=(8, 24), output_len_range=(4, 8), seed=1),
+        settings=EngineSettings(max_batch_size=2, max_num_batched_tokens=64, kv_cache_memory_gib=0.01),
+        search_vllm=False,
+    )
+    assert any("vLLM not found" in m and "no-such-python" in m for m in messages), messages
+    on_disk = json.loads((tmp_path / "against.json").read_text())
+    assert set(on_disk["contenders"]) == {"ours"}
+    assert on_disk["contenders"]["ours"]["output_tokens"] == sum(on_disk["workload"]["output_lengths"])
+    assert "ratio_vs_vllm" not in results

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.engine import native
 from services.engine.attention_batch import AttentionBatch, KVCache, PrefillSpan
 
 # A decode group costs a few kernel launches (two gathers, SDPA, the scatter
@@ -68,11 +69,40 @@ def paged_attention(
     _write_kv(k, v, kv_cache, batch.slot_mapping)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_decode = batch.num_decode_tokens
-    if num_decode:
+    if num_decode and not _decode_in_place(q[:num_decode], kv_cache, batch, scale, sliding_window, out):
         _decode(q[:num_decode], kv_cache, batch, scale, sliding_window, out[:num_decode])
     for span in batch.prefills:
         out[span.start : span.end] = _prefill(q, k, v, kv_cache, span, scale, sliding_window)
     return out
+
+
+def _decode_in_place(
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None,
+    out: torch.Tensor,
+) -> bool:
+    """Decode attention by the native kernel, reading each block where it lies; False if unavailable."""
+    k_cache, v_cache = kv_cache
+    if not native.supports(q.dtype, q.device):
+        return False
+    kernel = native.paged_decode_kernel()
+    if kernel is None:
+        return False
+    num_seqs, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    tables, lens = batch.decode_block_tables, batch.decode_context_lens
+    kv_heads, num_blocks, block_size, _ = k_cache.shape
+    failed = kernel(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(), out.data_ptr(),
+        num_seqs, num_heads, kv_heads, head_dim, block_size, num_blocks,
+        sliding_window or 0, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    return bool(failed == 0)
 
 
 @dataclass(frozen=True)

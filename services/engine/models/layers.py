@@ -41,7 +41,11 @@ class Linear(nn.Module):
         self.bias = empty_parameter(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        # Weights held in float32 for a half-precision model (see loader.matmul_dtype): exactly a
+        # half-precision GEMM with float32 accumulation, its output rounded back to x's dtype.
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 class GatedMLP(nn.Module):

@@ -133,8 +133,10 @@ class LlamaFamilyModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden_size] (rows picked by the caller) -> float32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_rows, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden_rows, self.embed_tokens.weight).float()
+        logits: torch.Tensor = self.lm_head(hidden_rows)
+        return logits.float()
 
 
 @dataclass(frozen=True)

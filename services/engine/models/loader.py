@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from services.engine.models.layers import Linear
 from services.engine.models.llama import LlamaFamilyModel, WeightSource, checkpoint_layout
 from services.engine.models.rope import RotaryEmbedding
 from services.engine.models.spec import ModelSpec, spec_from_config
@@ -55,13 +56,22 @@ def load_model(
     shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
 
     layout = checkpoint_layout(spec)
+    linear_dtype = matmul_dtype(dtype, device)
     with _open_checkpoint(model_dir) as checkpoint:
         _check_names(layout, checkpoint, spec, model_dir)
         state = {
-            name: _assemble(source, shapes[name], checkpoint, device, dtype)
+            name: _assemble(
+                source, shapes[name], checkpoint, device, linear_dtype if _is_projection(name) else dtype
+            )
             for name, source in layout.items()
         }
     model.load_state_dict(state, strict=True, assign=True)
+    if spec.tie_word_embeddings and linear_dtype != dtype:
+        # The tied output projection reads the embedding table: give it a float32 copy.
+        model.lm_head = Linear(spec.hidden_size, spec.vocab_size, False)
+        model.lm_head.weight = torch.nn.Parameter(
+            model.embed_tokens.weight.to(linear_dtype), requires_grad=False
+        )
     model.eval()
     logger.info(
         "model loaded",
@@ -71,11 +81,33 @@ def load_model(
             "num_layers": spec.num_layers,
             "parameters": sum(param.numel() for param in model.parameters()),
             "dtype": str(dtype),
+            "matmul_dtype": str(linear_dtype),
             "device": str(device),
             "load_seconds": round(time.monotonic() - started, 3),
         },
     )
     return model, spec
+
+
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the projection weights are held in.
+
+    ``dtype`` itself where the hardware multiplies it natively (any accelerator; a CPU
+    with AVX-512 BF16 or AMX). On a CPU without (AVX2 only, as here) PyTorch's
+    half-precision GEMM falls back to a scalar path about ten times slower than float32,
+    so the weights are widened to float32 (exactly: every half-precision value is a
+    float32 value) and each projection's output is rounded back to ``dtype``.
+    """
+    if device.type != "cpu" or dtype == torch.float32:
+        return dtype
+    native_half = torch.cpu._is_amx_tile_supported() or (
+        dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported()
+    )
+    return dtype if native_half else torch.float32
+
+
+def _is_projection(name: str) -> bool:
+    return name.endswith(("_proj.weight", "_proj.bias", "lm_head.weight"))
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any]:

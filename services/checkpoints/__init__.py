@@ -1,0 +1,1 @@
+"""Offline builders of real pretrained checkpoints (no model hub needed)."""

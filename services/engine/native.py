@@ -1,0 +1,98 @@
+"""The engine's one native kernel (paged decode attention on CPU), built on first use.
+
+``paged_decode.c`` is plain C: the system C compiler builds it in well under a second
+into ``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of the source and flags,
+written to a temporary file and renamed, so concurrent builders never see a partial
+library), and ``ctypes`` calls it. ctypes releases the GIL for the call. Where no
+compiler is found or the build fails, :func:`paged_decode_kernel` returns None and
+attention falls back to its PyTorch path; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode.c")
+# Reassociation lets the compiler vectorize the dot products; no -ffast-math, which would
+# also assume there are no infinities (the running max starts at -inf).
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+]
+_DISABLE_ENV = "TOKENLINE_NO_NATIVE_KERNELS"  # set to 1 to force the PyTorch paths
+_I64 = ctypes.c_int64
+
+
+def _cache_dir() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache"
+    return base / "tokenline" / "kernels"
+
+
+@functools.cache
+def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The compiled ``paged_decode_attention`` function, or None when it cannot be built."""
+    if os.environ.get(_DISABLE_ENV) == "1":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found; decode attention uses the PyTorch path")
+        return None
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"paged_decode-{digest}.so"
+    try:
+        if not library.is_file():
+            _build(compiler, library)
+        handle = ctypes.CDLL(str(library))
+    except (OSError, subprocess.CalledProcessError) as error:
+        logger.warning("native decode attention unavailable (%s); using the PyTorch path", error)
+        return None
+    function = handle.paged_decode_attention
+    pointer = ctypes.c_void_p
+    function.argtypes = [
+        pointer, _I64, pointer, pointer, pointer, _I64, pointer, pointer,
+        _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    function.restype = ctypes.c_int
+    return function
+
+
+def _build(compiler: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=library.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def supports(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
