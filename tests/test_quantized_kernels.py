@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.models.compressed import QuantizedWeight, pack_int4, scheme_from_config, unpack_int4
+from services.engine.models.compressed import QuantizedWeight, pack_codes, scheme_from_config, unpack_codes
 from services.engine.models.quantized import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -78,11 +78,16 @@ def test_bfloat16_engines_get_bfloat16_outputs() -> None:
     assert Int8WeightOnlyLinear(weight, None, torch.bfloat16)(x).dtype == torch.bfloat16
 
 
-def test_int4_packing_round_trips_every_code() -> None:
-    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)  # [3, 64]
-    packed = pack_int4(codes)
-    assert packed.dtype == torch.int32 and packed.shape == (3, 8)
-    assert torch.equal(unpack_int4(packed, 64), codes)
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_packing_round_trips_every_code_and_matches_the_compressed_tensors_package(num_bits: int) -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    low, high = -(1 << (num_bits - 1)), 1 << (num_bits - 1)
+    codes = torch.arange(low, high, dtype=torch.int8).repeat(3, 512 // (high - low))  # [3, 512]
+    packed = pack_codes(codes, num_bits)
+    assert packed.dtype == torch.int32 and packed.shape == (3, 512 * num_bits // 32)
+    assert torch.equal(unpack_codes(packed, num_bits, 512), codes)
+    assert torch.equal(packed, pack_to_int32(codes, num_bits))
 
 
 def test_recipes_quantize_symmetric_round_to_nearest() -> None:

@@ -1,8 +1,9 @@
 """The compressed-tensors checkpoint layout, as far as tokenline writes and serves it.
 
 A quantized linear ``X`` is stored as integer codes plus scales: ``X.weight``
-(int8 codes, ``int-quantized``) or ``X.weight_packed`` (int4 codes packed eight
-to an int32, ``pack-quantized``), ``X.weight_scale`` (one per output row, or per
+(int8 codes, ``int-quantized``, for int8 weights with int8 activations) or
+``X.weight_packed`` (weight-only int8 or int4 codes packed four or eight to an
+int32, ``pack-quantized``), ``X.weight_scale`` (one per output row, or per
 row and input group) and, packed only, ``X.weight_shape``. Codes are symmetric
 (no zero point): ``w = code * scale``. The ``quantization_config`` in
 ``config.json`` says which scheme applies; modules named in ``ignore`` (the
@@ -120,15 +121,15 @@ def scheme_from_config(config: Mapping[str, Any]) -> QuantScheme | None:
     strategy, num_bits = weights.get("strategy"), weights.get("num_bits")
     if num_bits not in (4, 8):
         raise InvalidParameterError("quantization_config.weights.num_bits", num_bits, "only 4 or 8")
-    expected_format = {8: INT_FORMAT, 4: PACKED_FORMAT}[int(num_bits)]
+    activations = group.get("input_activations")
+    # Weight-only schemes are packed into int32 (as llm-compressor writes W4A16/W8A16 and
+    # transformers expects); int8 weights with int8 activations are stored as plain int8.
+    expected_format = PACKED_FORMAT if activations is None else INT_FORMAT
     if fmt != expected_format:
-        raise InvalidParameterError(
-            "quantization_config.format", fmt, f"{num_bits}-bit needs {expected_format}"
-        )
+        raise InvalidParameterError("quantization_config.format", fmt, f"this scheme needs {expected_format}")
     group_size = weights.get("group_size") if strategy == "group" else None
     if strategy not in ("channel", "group") or (strategy == "group" and not isinstance(group_size, int)):
         raise InvalidParameterError("quantization_config.weights.strategy", strategy, "channel or group")
-    activations = group.get("input_activations")
     if activations is not None and not (
         activations.get("num_bits") == 8
         and activations.get("type") == "int"
@@ -200,7 +201,7 @@ def encode(
     scale = weight.scale.to(dtype).contiguous()
     if scheme.format == PACKED_FORMAT:
         return {
-            f"{module}.weight_packed": pack_int4(weight.codes),
+            f"{module}.weight_packed": pack_codes(weight.codes, weight.num_bits),
             f"{module}.weight_scale": scale,
             f"{module}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
         }
@@ -212,7 +213,7 @@ def decode(module: str, tensors: Mapping[str, torch.Tensor], scheme: QuantScheme
     scale = tensors[f"{module}.weight_scale"].float()
     if scheme.format == PACKED_FORMAT:
         shape = tuple(int(v) for v in tensors[f"{module}.weight_shape"].tolist())
-        codes = unpack_int4(tensors[f"{module}.weight_packed"], shape[1])
+        codes = unpack_codes(tensors[f"{module}.weight_packed"], scheme.weights.num_bits, shape[1])
         if codes.shape[0] != shape[0]:
             raise InvalidParameterError(
                 f"{module}.weight_packed", tuple(codes.shape), f"weight_shape {shape}"
@@ -229,19 +230,20 @@ def decode(module: str, tensors: Mapping[str, torch.Tensor], scheme: QuantScheme
     return QuantizedWeight(codes, scale, scheme.weights.num_bits, group)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Signed 4-bit codes [out, in] -> int32 [out, in / 8]: offset by 8, lowest nibble first."""
+def pack_codes(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Signed codes [out, in] -> int32 [out, in * num_bits / 32]: offset to unsigned, lowest bits first."""
     out_features, in_features = codes.shape
-    if in_features % _INT4_PER_INT32:
-        raise InvalidParameterError("in_features", in_features, "int4 packing needs a multiple of 8")
-    unsigned = (codes.to(torch.int32) + 8).view(out_features, -1, _INT4_PER_INT32)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    packed = (unsigned << shifts).sum(dim=-1, dtype=torch.int64)
+    per_int32 = 32 // num_bits
+    if in_features % per_int32:
+        raise InvalidParameterError("in_features", in_features, f"packing needs a multiple of {per_int32}")
+    unsigned = (codes.to(torch.int64) + (1 << (num_bits - 1))).view(out_features, -1, per_int32)
+    shifts = torch.arange(0, 32, num_bits, dtype=torch.int64)
+    packed = (unsigned << shifts).sum(dim=-1)
     # Reinterpret the 32-bit pattern as a signed int32.
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = (packed.to(torch.int32)[..., None] >> shifts) & 0xF
-    return (nibbles.reshape(packed.shape[0], -1)[:, :in_features] - 8).to(torch.int8)
+def unpack_codes(packed: torch.Tensor, num_bits: int, in_features: int) -> torch.Tensor:
+    shifts = torch.arange(0, 32, num_bits, dtype=torch.int64)
+    fields = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << num_bits) - 1)
+    return (fields.reshape(packed.shape[0], -1)[:, :in_features] - (1 << (num_bits - 1))).to(torch.int8)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from services.engine.models.compressed import INT_FORMAT, QuantScheme, WeightScheme
+from services.engine.models.compressed import PACKED_FORMAT, QuantScheme, WeightScheme
 from services.optimizer.recipes.base import IGNORED_MODULES, Recipe, symmetric_quantize
 
-SCHEME = QuantScheme(INT_FORMAT, WeightScheme(num_bits=8, group_size=None), False, IGNORED_MODULES)
+SCHEME = QuantScheme(PACKED_FORMAT, WeightScheme(num_bits=8, group_size=None), False, IGNORED_MODULES)
 
 RECIPE = Recipe(
     name="int8",
