@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     soak.set_defaults(handler=_bench_soak)
 
     _add_serving_commands(commands)
+    from services.optimizer.command import add_optimize_command
+
+    add_optimize_command(commands)
     return parser
 
 

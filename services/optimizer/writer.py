@@ -79,7 +79,7 @@ def write_variant(source: Path, quantized: dict[str, Any], recipe: Recipe, out_d
     config["quantization_config"] = quantization_config(recipe.scheme)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for item in source.iterdir():
-        if item.is_file() and item.name not in _SKIPPED_FILES and not item.name.endswith(".safetensors"):
+        if _copied(item):
             shutil.copy2(item, out_dir / item.name)
 
 
@@ -115,5 +115,16 @@ def write_dequantized(variant: Path, out_dir: Path) -> None:
     config["torch_dtype"] = "float32"
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in variant.iterdir():
-        if item.is_file() and item.name not in _SKIPPED_FILES and not item.name.endswith(".safetensors"):
+        if _copied(item):
             shutil.copy2(item, out_dir / item.name)
+
+
+def _copied(item: Path) -> bool:
+    """Tokenizer, chat template, generation config: yes. Weights, config (rewritten) and the
+    source's own build records (``tokenline_*.json``, whose hashes describe the source): no."""
+    return (
+        item.is_file()
+        and item.name not in _SKIPPED_FILES
+        and not item.name.endswith(".safetensors")
+        and not item.name.startswith("tokenline_")
+    )
