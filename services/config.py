@@ -43,6 +43,17 @@ class EngineSettings(BaseModel):
         return EngineConfig(model=model_path, **options)
 
 
+class VariantInfo(BaseModel):
+    """What the registry says about a served variant: its source, recipe, gate figures, checksum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variant_of: str = Field(description="The source model's name.")
+    recipe: str = Field(description="Quantization recipe.")
+    gate: dict[str, float] = Field(default_factory=dict, description="Gate figures at publishing.")
+    checksum: str = Field(description="Artifact checksum the registry holds; verified before serving.")
+
+
 class ModelConfig(BaseModel):
     """One served model."""
 
@@ -51,8 +62,8 @@ class ModelConfig(BaseModel):
     name: str = Field(
         default="demo",
         min_length=1,
-        pattern=r"^[A-Za-z0-9_.-]+$",
-        description="The name clients send in GenerateRequest.model.",
+        pattern=r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?$",
+        description="The name clients send in GenerateRequest.model; MODEL@RECIPE for a quantized variant.",
     )
     path: str | None = Field(default=None, description="Checkpoint directory; None: the built-in demo model.")
     engine_replicas: int = Field(default=1, ge=1, description="Engine replicas pulling this model's queue.")
@@ -75,6 +86,9 @@ class ModelConfig(BaseModel):
         "running the requests it holds before it hands the rest back to the queue for another replica.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    variant: VariantInfo | None = Field(
+        default=None, description="Set for a published quantized variant (filled from the registry)."
+    )
 
 
 class AuthConfig(BaseModel):
@@ -102,6 +116,16 @@ class IngressConfig(BaseModel):
     default_model: str = Field(min_length=1, description="Model used when a request names none.")
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    variants: dict[str, VariantInfo] = Field(
+        default_factory=dict, description="Served quantized variants by name, for ListModels."
+    )
+
+    def variant_fields(self, name: str) -> dict[str, object]:
+        """ModelInfo fields of a served variant (none for a source model)."""
+        info = self.variants.get(name)
+        if info is None:
+            return {}
+        return {"variant_of": info.variant_of, "recipe": info.recipe, "gate": dict(info.gate)}
 
     def model_name(self, requested: str) -> str | None:
         """The served model a request names ('' = the default), or None when none matches."""
@@ -135,6 +159,11 @@ class AppConfig(BaseModel):
     )
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    variants: tuple[str, ...] = Field(
+        default=(),
+        description="Published variants (MODEL@RECIPE) to serve next to their source models; "
+        "looked up in the registry in Redis when the stack starts.",
+    )
 
     @model_validator(mode="after")
     def _check_models(self) -> AppConfig:
@@ -159,6 +188,7 @@ class AppConfig(BaseModel):
             default_model=self.default_model_name,
             queue=self.queue,
             auth=self.auth,
+            variants={m.name: m.variant for m in self.models if m.variant is not None},
         )
 
     @classmethod

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from services.errors import InvalidParameterError
 from services.queue.connection import RedisOwner
+
+if TYPE_CHECKING:
+    from services.config import AppConfig
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+$")
 
@@ -81,3 +84,32 @@ class VariantRegistry(RedisOwner):
 
     def remove(self, name: str) -> bool:
         return bool(self._redis.hdel(self._key, name))
+
+
+def add_published_variants(config: AppConfig) -> AppConfig:
+    """``config`` with one model per ``config.variants`` entry, looked up in the registry.
+
+    A variant inherits the engine settings of its source model when that is served
+    too; its artifacts are checked against the registry's checksum here, before any
+    replica starts, so a changed directory fails the start with the variant named.
+    """
+    from pathlib import Path
+
+    from services.config import ModelConfig, VariantInfo
+    from services.engine.models.manifest import verify_manifest
+
+    if not config.variants:
+        return config
+    models = list(config.models)
+    with VariantRegistry(config.redis_url, config.queue.key_prefix) as registry:
+        for name in config.variants:
+            check_variant_name(name)
+            entry = registry.require(name)
+            verify_manifest(Path(entry.artifact_dir), expected=entry.checksum)
+            source = next((m for m in config.models if m.name == entry.source_model), ModelConfig())
+            info = VariantInfo(
+                variant_of=entry.source_model, recipe=entry.recipe, gate=entry.gate, checksum=entry.checksum
+            )
+            update = {"name": name, "path": entry.artifact_dir, "variant": info}
+            models.append(source.model_copy(update=update))
+    return config.model_validate({**config.model_dump(), "models": models, "variants": ()})
