@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test lint bench-engine bench-pipeline demo-model stubs clean
+.PHONY: install serve test lint bench-engine bench-pipeline bench-optimizer demo-model stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-engine: install
 
 bench-pipeline: install
 	$(VENV)/bin/tokenline bench pipeline --json bench-results/pipeline.json
+
+bench-optimizer: install
+	$(VENV)/bin/tokenline bench optimizer --json bench-results/optimizer.json
 
 stubs: install
 	$(PY) protos/generate_stubs.py

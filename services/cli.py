@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     soak.set_defaults(handler=_bench_soak)
 
+    optimizer = bench_kinds.add_parser("optimizer", help="SmolLM2 source vs its quantized variants")
+    optimizer.add_argument("--json", type=Path, default=None, help="write the results here")
+    optimizer.add_argument("--quick", action="store_true", help="fewer decode steps, one repeat")
+    optimizer.add_argument("--model", type=Path, default=None, help="source checkpoint (default: SmolLM2)")
+    optimizer.set_defaults(handler=_bench_optimizer)
+
     _add_serving_commands(commands)
     from services.optimizer.command import add_optimize_command
 
@@ -94,6 +100,13 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     from loadtest.pipeline_bench import run_pipeline_benchmark
 
     run_pipeline_benchmark(quick=args.quick, json_path=args.json)
+    return 0
+
+
+def _bench_optimizer(args: argparse.Namespace) -> int:
+    from loadtest.optimizer_bench import run_optimizer_benchmark
+
+    run_optimizer_benchmark(quick=args.quick, json_path=args.json, model_dir=args.model)
     return 0
 
 
