@@ -49,6 +49,8 @@ def plan_for(quick: bool) -> Plan:
 def run_optimizer_benchmark(
     quick: bool, json_path: Path | None, model_dir: Path | None = None, log: Log | None = None
 ) -> dict[str, Any]:
+    import torch
+
     from services.config import OptimizerConfig
     from services.optimizer.gate import run_gate
     from services.optimizer.heldout import text_sequences
@@ -60,6 +62,7 @@ def run_optimizer_benchmark(
     if not (source / "config.json").is_file():
         raise SystemExit(f"no checkpoint at {source}: build SmolLM2 first (see README) or pass a directory")
     plan = plan_for(quick)
+    torch.set_num_threads(plan.threads)  # the gate too: 2 threads on 2 shared cores oversubscribe
     config = OptimizerConfig()
     sequences = text_sequences(source, None, config.heldout_max_tokens, config.heldout_window)
     contenders: dict[str, dict[str, Any]] = {}
@@ -80,7 +83,6 @@ def run_optimizer_benchmark(
             contenders[name] = _in_fresh_process(str(path), dtype, plan)
             if name in gates:
                 contenders[name]["gate"] = gates[name]
-    import torch
 
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
