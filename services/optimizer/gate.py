@@ -104,9 +104,13 @@ def compare_logits(source_dir: Path, variant_dir: Path, sequences: list[list[int
     )
 
 
-def engine_greedy(model_dir: Path) -> Callable[[list[list[int]], int], list[list[int]]]:
+def engine_greedy(
+    model_dir: Path, kv_cache_memory_gib: float = 0.25
+) -> Callable[[list[list[int]], int], list[list[int]]]:
     """A greedy generator over our engine, for ``services.demo.score_demo_tasks``."""
-    engine = Engine(EngineConfig(model=str(model_dir), kv_cache_memory_gib=0.25, max_num_seqs=64))
+    engine = Engine(
+        EngineConfig(model=str(model_dir), kv_cache_memory_gib=kv_cache_memory_gib, max_num_seqs=64)
+    )
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
@@ -118,7 +122,7 @@ def engine_greedy(model_dir: Path) -> Callable[[list[list[int]], int], list[list
 def serve_once(variant_dir: Path) -> str:
     """'' when the engine loads the variant and generates; otherwise why not."""
     try:
-        generate = engine_greedy(variant_dir)
+        generate = engine_greedy(variant_dir, kv_cache_memory_gib=0.02)
         out = generate([[1, 2, 3]], _SERVE_CHECK_TOKENS)
     except Exception as error:  # any failure to load or run is the gate's finding, not a crash
         return f"{type(error).__name__}: {error}"
