@@ -19,25 +19,17 @@ from services.errors import InvalidParameterError
 PACKAGED_TEXT = Path(__file__).parent / "data" / "heldout-design.txt"
 _DEMO_SEED = "tokenline-gate-heldout-v1"
 _DEMO_EXAMPLES_PER_TASK = 64
-_DEMO_EXAMPLES_PER_SEQUENCE = 8
 
 
 def demo_sequences(model_dir: Path) -> list[list[int]]:
-    """Held-out demo examples, several to a sequence, tokenized by the demo tokenizer."""
+    """Held-out demo examples, one per sequence as in training (prompt, answer, EOS)."""
     rng = random.Random(_DEMO_SEED)
     additions = rng.sample(addition_pairs(held_out=True), _DEMO_EXAMPLES_PER_TASK)
     countings = rng.sample(counting_pairs(held_out=True), _DEMO_EXAMPLES_PER_TASK)
-    texts = [
-        e.prompt + e.answer
-        for e in (
-            *map(lambda p: addition_example(*p), additions),
-            *map(lambda p: counting_example(*p), countings),
-        )
-    ]
-    rng.shuffle(texts)
+    examples = [addition_example(*p) for p in additions] + [counting_example(*p) for p in countings]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    step = _DEMO_EXAMPLES_PER_SEQUENCE
-    return [list(tokenizer("\n".join(texts[i : i + step])).input_ids) for i in range(0, len(texts), step)]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [list(tokenizer(e.prompt + e.answer).input_ids) + eos for e in examples]
 
 
 def text_sequences(model_dir: Path, text_file: Path | None, max_tokens: int, window: int) -> list[list[int]]:
