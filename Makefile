@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 HELM := $(VENV)/bin/helm
 
 .PHONY: install tokenizers helm install-vllm test-vllm serve test lint bench-engine bench-pipeline bench-load \
-	demo-model smollm2 bench-vllm stubs clean
+	bench-optimizer demo-model smollm2 bench-vllm stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,9 @@ bench-pipeline: install
 bench-load: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(VENV)/bin/tokenline bench load --users 1,4,16,64 --run-time 30s --out bench-results
+
+bench-optimizer: install
+	$(VENV)/bin/tokenline bench optimizer --json bench-results/optimizer.json
 
 stubs: install
 	$(PY) protos/generate_stubs.py

@@ -18,6 +18,7 @@ from services.config import AppConfig, ModelConfig
 from services.detokenizer.service import DetokenizerService
 from services.engine.replica import EngineReplica
 from services.ingress.servicer import IngressService
+from services.queue.registry import add_published_variants
 from services.tokenizer.service import TokenizerService
 
 GRPC_SERVICER_FUNCTION = "services.ingress.registration.add_generation_servicer"
@@ -45,6 +46,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
     app_config = app_config.with_environment()  # e.g. the Redis password, from a Secret
     if not app_config.redis_url:
         raise ValueError("redis_url: the application needs a Redis URL (tokenline serve starts one)")
+    app_config = add_published_variants(app_config)  # `variants: [demo@int8]` in a Serve config
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
     no_cpu = {"num_cpus": 0}
     # Stopping stream holders wait for their streams (checked twice a second) before Serve stops them.

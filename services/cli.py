@@ -93,7 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--model", default=None, help="checkpoint for the stack it starts (default: demo)")
     load.set_defaults(handler=_bench_load)
 
+    optimizer = bench_kinds.add_parser("optimizer", help="SmolLM2 source vs its quantized variants")
+    optimizer.add_argument("--json", type=Path, default=None, help="write the results here")
+    optimizer.add_argument("--quick", action="store_true", help="fewer decode steps, one repeat")
+    optimizer.add_argument("--model", type=Path, default=None, help="source checkpoint (default: SmolLM2)")
+    optimizer.set_defaults(handler=_bench_optimizer)
+
     _add_serving_commands(commands)
+    from services.optimizer.command import add_optimize_command
+
+    add_optimize_command(commands)
     return parser
 
 
@@ -143,6 +152,13 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     run_pipeline_benchmark(
         quick=args.quick, json_path=args.json, model_path=args.model, grpc_ingress=args.grpc_ingress
     )
+    return 0
+
+
+def _bench_optimizer(args: argparse.Namespace) -> int:
+    from loadtest.optimizer_bench import run_optimizer_benchmark
+
+    run_optimizer_benchmark(quick=args.quick, json_path=args.json, model_dir=args.model)
     return 0
 
 

@@ -35,6 +35,10 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "in the config is raised to 32",
     )
     serve_cmd.add_argument("--no-auth", action="store_true", help="accept RPCs without an API key")
+    serve_cmd.add_argument(
+        "--variants", nargs="+", default=None, metavar="MODEL@RECIPE",
+        help="published quantized variants to serve next to their source (needs --redis-url)",
+    )
     serve_cmd.set_defaults(handler=_serve)
 
     gen = commands.add_parser("generate", help="send one prompt over gRPC and print the answer")
@@ -82,6 +86,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         updates["redis_url"] = args.redis_url
     if args.grpc_port is not None:
         updates["grpc_port"] = args.grpc_port
+    if args.variants:
+        updates["variants"] = tuple(args.variants)
     if args.no_auth:
         updates["auth"] = config.auth.model_copy(update={"enabled": False})
     return AppConfig.model_validate({**config.model_dump(), **updates})

@@ -72,6 +72,17 @@ class EngineSettings(BaseModel):
         return EngineConfig(model=model_path, **options)
 
 
+class VariantInfo(BaseModel):
+    """What the registry says about a served variant: its source, recipe, gate figures, checksum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variant_of: str = Field(description="The source model's name.")
+    recipe: str = Field(description="Quantization recipe.")
+    gate: dict[str, float] = Field(default_factory=dict, description="Gate figures at publishing.")
+    checksum: str = Field(description="Artifact checksum the registry holds; verified before serving.")
+
+
 class ModelConfig(BaseModel):
     """One served model."""
 
@@ -80,8 +91,8 @@ class ModelConfig(BaseModel):
     name: str = Field(
         default="demo",
         min_length=1,
-        pattern=r"^[A-Za-z0-9_.-]+$",
-        description="The name clients send in GenerateRequest.model.",
+        pattern=r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?$",
+        description="The name clients send in GenerateRequest.model; MODEL@RECIPE for a quantized variant.",
     )
     path: str | None = Field(default=None, description="Checkpoint directory; None: the built-in demo model.")
     engine_replicas: int = Field(default=1, ge=1, description="Engine replicas pulling this model's queue.")
@@ -110,6 +121,9 @@ class ModelConfig(BaseModel):
         "running the requests it holds before it hands the rest back to the queue for another replica.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    variant: VariantInfo | None = Field(
+        default=None, description="Set for a published quantized variant (filled from the registry)."
+    )
 
 
 class AuthConfig(BaseModel):
@@ -137,6 +151,16 @@ class IngressConfig(BaseModel):
     default_model: str = Field(min_length=1, description="Model used when a request names none.")
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    variants: dict[str, VariantInfo] = Field(
+        default_factory=dict, description="Served quantized variants by name, for ListModels."
+    )
+
+    def variant_fields(self, name: str) -> dict[str, object]:
+        """ModelInfo fields of a served variant (none for a source model)."""
+        info = self.variants.get(name)
+        if info is None:
+            return {}
+        return {"variant_of": info.variant_of, "recipe": info.recipe, "gate": dict(info.gate)}
 
     def model_name(self, requested: str) -> str | None:
         """The served model a request names ('' = the default), or None when none matches."""
@@ -187,6 +211,11 @@ class AppConfig(BaseModel):
     )
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    variants: tuple[str, ...] = Field(
+        default=(),
+        description="Published variants (MODEL@RECIPE) to serve next to their source models; "
+        "looked up in the registry in Redis when the stack starts.",
+    )
 
     @model_validator(mode="after")
     def _check_models(self) -> AppConfig:
@@ -215,6 +244,7 @@ class AppConfig(BaseModel):
             default_model=self.default_model_name,
             queue=self.queue,
             auth=self.auth,
+            variants={m.name: m.variant for m in self.models if m.variant is not None},
         )
 
     @classmethod
@@ -243,3 +273,57 @@ def local_api_key_path() -> Path:
     `tokenline generate` looks when no --api-key is given (readable by the user only)."""
     base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return base / "tokenline" / "local-api-key"
+
+
+class GateThresholds(BaseModel):
+    """What a quantized variant must show against its source on held-out data to be published."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_perplexity_ratio: float = Field(gt=1.0, description="Variant perplexity / source perplexity.")
+    min_top1_agreement: float = Field(
+        gt=0.0, le=1.0, description="Share of held-out positions where both predict the same next token."
+    )
+    max_demo_accuracy_drop: float = Field(
+        ge=0.0, description="Demo model only: held-out task accuracy drop, in percentage points."
+    )
+
+
+DEFAULT_GATES: dict[str, GateThresholds] = {
+    "int8": GateThresholds(max_perplexity_ratio=1.01, min_top1_agreement=0.97, max_demo_accuracy_drop=1.0),
+    "w8a8": GateThresholds(max_perplexity_ratio=1.02, min_top1_agreement=0.95, max_demo_accuracy_drop=1.0),
+    "int4": GateThresholds(max_perplexity_ratio=1.05, min_top1_agreement=0.90, max_demo_accuracy_drop=3.0),
+}
+
+
+class OptimizerConfig(BaseModel):
+    """The offline optimizer actor and its gate."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    actor_name: str = Field(default="tokenline-optimizer", description="Name of the detached Ray actor.")
+    actor_namespace: str = Field(default="tokenline", description="Ray namespace of the actor.")
+    num_cpus: float = Field(default=1.0, ge=0.0, description="CPUs the optimizer actor reserves in Ray.")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs the optimizer actor reserves in Ray.")
+    variants_dir: str = Field(
+        default="", description="Where published variants are written; '' = ~/.cache/tokenline/variants."
+    )
+    gates: dict[str, GateThresholds] = Field(
+        default_factory=lambda: dict(DEFAULT_GATES), description="Gate thresholds per recipe."
+    )
+    heldout_text: str = Field(
+        default="",
+        description="Text file for perplexity/KL/top-1 on non-demo models; '' = the packaged project "
+        "design document (services/optimizer/data/heldout-design.txt).",
+    )
+    heldout_max_tokens: int = Field(default=2048, ge=16, description="Held-out tokens scored per model.")
+    heldout_window: int = Field(default=256, ge=8, description="Tokens per scored window.")
+    demo_examples: int = Field(default=200, ge=1, description="Demo tasks: examples per task in the gate.")
+    num_threads: int = Field(default=1, ge=1, description="torch intra-op threads of the actor.")
+
+    def variants_path(self) -> Path:
+        if self.variants_dir:
+            return Path(self.variants_dir)
+        cache_home = os.environ.get("XDG_CACHE_HOME", "")
+        base = Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache"
+        return base / "tokenline" / "variants"

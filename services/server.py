@@ -18,6 +18,7 @@ from services.app import GRPC_SERVICER_FUNCTION, build_app
 from services.config import AppConfig, local_api_key_path
 from services.ingress.api_keys import ApiKeyStore
 from services.queue import RedisServer
+from services.queue.registry import add_published_variants
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
         if not config.redis_url:
             redis_server = stack.enter_context(RedisServer(appendfsync="always"))
             config = config.model_copy(update={"redis_url": redis_server.url})
+        config = add_published_variants(config)  # MODEL@RECIPE from the registry, checked
         if not ray.is_initialized():
             _set_proxy_message_limit(config.grpc_max_message_bytes)
             os.environ.update(ingress_environment(config))

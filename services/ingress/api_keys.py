@@ -34,7 +34,8 @@ MAX_NAME_CHARS = 128
 _KEY_RANDOM_BYTES = 32
 KEY_PATTERN = re.compile(r"^tl_[A-Za-z0-9_-]{43}$")  # token_urlsafe(32): 43 chars, no padding
 _KEY_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")  # like ModelConfig.name and QueueConfig.key_prefix
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")  # like QueueConfig.key_prefix
+_MODEL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?$")  # like ModelConfig.name (variants)
 _CREATE_ATTEMPTS = 4
 
 
@@ -149,6 +150,8 @@ def key_id_of(key_hash: str) -> str:
 def check_name(field: str, value: object) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME_CHARS:
         raise InvalidParameterError(field, value, f"must be 1..{MAX_NAME_CHARS} characters")
+    if field == "models" and _MODEL_PATTERN.fullmatch(value):
+        return value  # MODEL@RECIPE names a quantized variant
     if not _NAME_PATTERN.fullmatch(value):
         raise InvalidParameterError(field, value, "may contain only letters, digits, '_', '.' and '-'")
     return value

@@ -152,6 +152,7 @@ class IngressService:
                     max_context_length=m.max_context_length,
                     vocab_size=m.vocab_size,
                     is_default=m.is_default,
+                    **self._config.variant_fields(m.name),  # type: ignore[arg-type]
                 )
                 for m in models.values()
                 if tenant.allows(m.name)

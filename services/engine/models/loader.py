@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from services.engine.models.compressed import scheme_from_config
 from services.engine.models.layers import Linear
 from services.engine.models.llama import LlamaFamilyModel, WeightSource, checkpoint_layout
+from services.engine.models.manifest import verify_manifest
+from services.engine.models.quantized import swap_in_quantized
 from services.engine.models.rope import RotaryEmbedding
 from services.engine.models.spec import ModelSpec, spec_from_config
 from services.errors import InvalidParameterError
@@ -46,10 +49,12 @@ def load_model(
     model_dir = Path(model_dir)
     if dtype not in SUPPORTED_DTYPES:
         raise InvalidParameterError("dtype", dtype, f"supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
-    spec = spec_from_config(
-        _read_json(model_dir / "config.json", required=True),
-        _read_json(model_dir / "generation_config.json", required=False),
-    )
+    config = _read_json(model_dir / "config.json", required=True)
+    spec = spec_from_config(config, _read_json(model_dir / "generation_config.json", required=False))
+    # A quantized variant (compressed-tensors) gets kernel-backed projections; see quantized.py.
+    scheme = scheme_from_config(config)
+    if scheme is not None:
+        verify_manifest(model_dir)
     rotary = RotaryEmbedding(spec.rope, spec.head_dim, device)
     with torch.device("meta"):
         model = LlamaFamilyModel(spec, rotary)
@@ -58,7 +63,10 @@ def load_model(
     layout = checkpoint_layout(spec)
     linear_dtype = matmul_dtype(dtype, device)
     with _open_checkpoint(model_dir) as checkpoint:
-        _check_names(layout, checkpoint, spec, model_dir)
+        consumed: set[str] = set()
+        if scheme is not None:
+            layout, consumed = swap_in_quantized(model, layout, scheme, checkpoint, device, dtype)
+        _check_names(layout, checkpoint, spec, model_dir, consumed)
         state = {
             name: _assemble(
                 source, shapes[name], checkpoint, device, linear_dtype if _is_projection(name) else dtype
@@ -154,7 +162,11 @@ def _open_checkpoint(model_dir: Path) -> Iterator[Checkpoint]:
 
 
 def _check_names(
-    layout: Mapping[str, WeightSource], checkpoint: Checkpoint, spec: ModelSpec, model_dir: Path
+    layout: Mapping[str, WeightSource],
+    checkpoint: Checkpoint,
+    spec: ModelSpec,
+    model_dir: Path,
+    consumed: set[str] | None = None,
 ) -> None:
     expected = {name for source in layout.values() for name in source.names}
     missing = sorted(expected - checkpoint.keys())
@@ -166,7 +178,7 @@ def _check_names(
         )
     unexpected = sorted(
         name
-        for name in checkpoint.keys() - expected
+        for name in checkpoint.keys() - expected - (consumed or set())
         if not name.endswith(_IGNORED_SUFFIXES)
         # Tied checkpoints may still carry a copy of the embedding as lm_head.
         and not (spec.tie_word_embeddings and name == "lm_head.weight")

@@ -173,16 +173,29 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "max_context_length", "vocab_size", "is_default")
+    __slots__ = ("name", "max_context_length", "vocab_size", "is_default", "variant_of", "recipe", "gate")
+    class GateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_OF_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_context_length: int
     vocab_size: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    variant_of: str
+    recipe: str
+    gate: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., variant_of: _Optional[str] = ..., recipe: _Optional[str] = ..., gate: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

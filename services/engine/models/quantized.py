@@ -1,0 +1,206 @@
+"""Quantized linear layers that run native kernels on the packed weight, never a dequantized copy.
+
+* :class:`Int8WeightOnlyLinear` — ``aten._weight_int8pack_mm``: int8 weight, float activations,
+  per-channel scales applied inside the kernel.
+* :class:`W8A8Linear` — activations quantized per token to int8 on the fly, then
+  ``torch._int_mm`` (int8 x int8 -> int32) on CPUs with VNNI/AMX, else ``_weight_int8pack_mm`` over
+  the integer codes; one multiply by the token (and channel) scales after.
+* :class:`Int4Linear` — ``aten._weight_int4pack_mm_for_cpu`` on the CPU tile layout made by
+  ``aten._convert_weight_to_int4pack_for_cpu``; the kernel computes ``(u - 8) * scale + zero``
+  per group for unsigned nibbles ``u``, so symmetric codes ``c`` go in as ``c + 8`` with zero 0.
+
+Each is built from a :class:`QuantizedWeight` whose rows may be the concatenation
+of several checkpoint linears (fused q/k/v, gate/up): rows are joined first, the
+kernel layout is made once, at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.engine.models.compressed import QuantizedWeight, QuantScheme, decode, tensor_names
+from services.engine.models.llama import WeightSource
+from services.errors import InvalidParameterError
+
+# The CPU kernels of _weight_int8pack_mm and _weight_int4pack_mm_for_cpu are vectorized for
+# bfloat16 activations; with float32 activations they fall back to scalar loops (~15x slower on
+# this AVX2 CPU). So the quantized matmuls run in bfloat16 whatever the engine's dtype.
+KERNEL_DTYPE = torch.bfloat16
+
+
+class QuantizedLinear(nn.Module):
+    """Common part: shapes, optional float bias, the dtype the engine runs in."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.register_buffer("bias", None if bias is None else bias.to(dtype), persistent=False)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = y.to(self.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8WeightOnlyLinear(QuantizedLinear):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__(weight, bias, dtype)
+        self.register_buffer("codes", weight.codes.to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer(
+            "scale", weight.scale.reshape(-1).to(KERNEL_DTYPE).contiguous(), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        return self._finish(torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale), x)
+
+
+class W8A8Linear(QuantizedLinear):
+    """Activations quantized per token to int8, times int8 weights, token and channel scales after.
+
+    Two native paths compute the same integer products: ``torch._int_mm`` (int8 x int8 -> int32)
+    where the CPU has int8 dot-product instructions (VNNI/AMX), and otherwise
+    ``_weight_int8pack_mm`` over the activation codes held exactly in bfloat16 (integers up to
+    127 are exact there; the kernel accumulates in float32 and rounds its output to bfloat16).
+    Without VNNI, ``_int_mm`` measured ~10x slower than the float32 matmul on this AVX2 CPU.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        use_int_mm: bool | None = None,
+    ) -> None:
+        super().__init__(weight, bias, dtype)
+        self.use_int_mm = cpu_has_int8_dot_product() if use_int_mm is None else use_int_mm
+        self.register_buffer("codes", weight.codes.to(torch.int8).contiguous(), persistent=False)
+        scale = weight.scale.reshape(-1)
+        # _int_mm path: channel scales applied in float32 after; int8pack path: inside the kernel.
+        self.register_buffer(
+            "scale", scale.float() if self.use_int_mm else scale.to(KERNEL_DTYPE), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_codes, x_scale = quantize_per_token(x.reshape(-1, self.in_features).float())
+        if self.use_int_mm:
+            # A transposed view of the row-major codes is what _int_mm's CPU path reads fastest.
+            y = torch._int_mm(x_codes, self.codes.t()).float() * self.scale
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x_codes.to(KERNEL_DTYPE), self.codes, self.scale).float()
+        return self._finish(y * x_scale, x)
+
+
+class Int4Linear(QuantizedLinear):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__(weight, bias, dtype)
+        if weight.group_size is None:
+            raise InvalidParameterError("group_size", None, "int4 weights need a group size")
+        self.group_size = weight.group_size
+        unsigned = (weight.codes.to(torch.int32) + 8).contiguous()
+        # innerKTiles only has to divide in_features / 16 on CPU; 1 always does.
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+        self.register_buffer("packed", packed, persistent=False)
+        scale = weight.scale.t().to(KERNEL_DTYPE)  # [groups, out]
+        scale_and_zero = torch.stack([scale, torch.zeros_like(scale)], dim=-1).contiguous()
+        self.register_buffer("scale_and_zero", scale_and_zero, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, self.group_size, self.scale_and_zero
+        )
+        return self._finish(y, x)
+
+
+def cpu_has_int8_dot_product() -> bool:
+    """True when the CPU advertises VNNI or AMX int8 (Linux /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes per row and the float32 row scales [rows, 1]."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+    codes = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def build_quantized_linear(
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> QuantizedLinear:
+    """The kernel-backed module for one (possibly fused) quantized projection."""
+    if device.type != "cpu":
+        raise InvalidParameterError("device", str(device), "quantized checkpoints are served on CPU only")
+    if scheme.weights.num_bits == 4:
+        return Int4Linear(weight, bias, dtype)
+    if scheme.dynamic_int8_activations:
+        return W8A8Linear(weight, bias, dtype)
+    return Int8WeightOnlyLinear(weight, bias, dtype)
+
+
+def swap_in_quantized(
+    model: nn.Module,
+    layout: dict[str, WeightSource],
+    scheme: QuantScheme,
+    checkpoint: Mapping[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[dict[str, WeightSource], set[str]]:
+    """Replace every covered projection of ``model`` (still on meta) by its kernel-backed module.
+
+    Returns the layout of the parameters left for the dense loader and the checkpoint
+    names the quantized modules consumed. Fused projections join their parts' rows.
+    """
+    remaining = dict(layout)
+    consumed: set[str] = set()
+    for param_name, source in layout.items():
+        module_path = param_name.removesuffix(".weight")
+        hf_modules = [name.removesuffix(".weight") for name in source.names]
+        if not param_name.endswith(".weight") or not all(
+            name.endswith("_proj") and scheme.covers(name) for name in hf_modules
+        ):
+            continue
+        parts = []
+        for hf_module, rows in zip(hf_modules, source.rows, strict=True):
+            names = tensor_names(hf_module, scheme)
+            missing = [name for name in names if name not in checkpoint]
+            if missing:
+                raise InvalidParameterError(
+                    "model_dir", missing[0], "quantized tensor missing from the checkpoint"
+                )
+            part = decode(hf_module, {name: checkpoint[name].get_tensor(name) for name in names}, scheme)
+            if part.shape[0] != rows:
+                raise InvalidParameterError(names[0], part.shape, f"expected {rows} output rows")
+            parts.append(part)
+            consumed.update(names)
+        bias = None
+        bias_source = remaining.pop(f"{module_path}.bias", None)
+        if bias_source is not None:
+            bias = torch.cat([checkpoint[name].get_tensor(name) for name in bias_source.names])
+            consumed.update(bias_source.names)
+        del remaining[param_name]
+        parent_path, _, attribute = module_path.rpartition(".")
+        module = build_quantized_linear(QuantizedWeight.concat(parts), bias, scheme, device, dtype)
+        setattr(model.get_submodule(parent_path), attribute, module)
+    return remaining, consumed
