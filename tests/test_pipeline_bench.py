@@ -46,9 +46,11 @@ def test_trace_ttft_and_gaps() -> None:
     assert t.itls_s == pytest.approx([0.25, 0.5])
     assert t.messages == 3
     bundled = RequestTrace(start=0.0)
-    bundled.add(1.0, [1, 2, 3])  # one message, three tokens: two zero gaps
-    assert bundled.itls_s == [0.0, 0.0]
+    bundled.add(1.0, [1, 2, 3])  # one message, three tokens: no gap (not two gaps of zero)
+    assert bundled.itls_s == []
     assert bundled.token_ids == [1, 2, 3]
+    bundled.add(1.5, [4])
+    assert bundled.itls_s == pytest.approx([0.5])
 
 
 def test_summarize_throughput_and_latency() -> None:
@@ -61,9 +63,9 @@ def test_summarize_throughput_and_latency() -> None:
     assert summary["tok_s"] == pytest.approx(20.0)
     assert summary["ttft_p50_ms"] == pytest.approx(150.0)
     assert summary["tokens_per_message"] == pytest.approx(6 / 4)
-    # gaps: 100, 100 (first) and 0, 0 (one message of three tokens)
-    assert summary["itl_p50_ms"] == pytest.approx(50.0)
-    assert summary["itl_mean_ms"] == pytest.approx(50.0)
+    # gaps between messages: 100, 100 (first); none in the one message of three tokens
+    assert summary["itl_p50_ms"] == pytest.approx(100.0)
+    assert summary["itl_mean_ms"] == pytest.approx(100.0)
     assert summary["tpot_p50_ms"] == pytest.approx(50.0)  # 100 ms per token, and 0 ms per token
     with pytest.raises(ValueError):
         summarize([trace(0.0, 0.1)])

@@ -30,7 +30,7 @@ from services.app import GRPC_SERVICER_FUNCTION
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.ingress.api_keys import ApiKeyStore
 from services.queue import QueueConfig, RedisServer
-from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, running_stack
+from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, ingress_environment, running_stack
 from tests.serving_stack import MODEL_NAME, free_port, wait_ready
 
 APP_NAME = "twonode"
@@ -57,6 +57,9 @@ def two_node_config(model_path: str, redis_url: str) -> AppConfig:
             ),
         ),
         grpc_port=free_port(),
+        # Both "nodes" share this machine's address: one Serve gRPC proxy on the head serves
+        # them (HAProxy would want the same port on each node).
+        grpc_ingress="proxy",
         queue=QueueConfig(lease_s=3.0, max_queue_depth=64),
     )
 
@@ -86,8 +89,10 @@ def main(model_path: str) -> int:
 
 
 def serve_on_two_nodes(config: AppConfig, started: float) -> int:
-    # What running_stack does for a local Ray: the nodes' processes inherit the proxy's limit.
+    # What running_stack does for a local Ray: the nodes' processes inherit the proxy's limit
+    # and the ingress settings (set over whatever the parent test process left in the environment).
     os.environ[RAY_GRPC_MAX_MESSAGE_ENV] = str(config.grpc_max_message_bytes)
+    os.environ.update(ingress_environment(config))
     deployed, failed = threading.Event(), threading.Event()
     stacks: list[RunningStack] = []
 
