@@ -7,6 +7,8 @@ from typing import TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 # Open streams share one blocking reader per ingress replica, so connections are only needed
 # for concurrent short commands (enqueue, auth, cancel) and that one read. Past this many,
@@ -28,6 +30,14 @@ def async_redis(url: str, *, decode_responses: bool) -> aioredis.Redis:
         decode_responses=decode_responses,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def loop_redis(url: str) -> redis.Redis:
+    """A synchronous client (RESP2, raw bytes) for a loop thread that waits out Redis outages
+    itself (engine replicas, detokenizer replicas): few, short retries, because seconds of
+    retrying inside one call would look like a stalled loop to the health check."""
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=3)
+    return redis.Redis.from_url(url, protocol=2, decode_responses=False, retry=retry)
 
 
 class RedisOwner:

@@ -17,17 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.exceptions import ResponseError
-from redis.retry import Retry
 from redis.typing import EncodableT, KeyT, StreamIdT
 
 from services.messages import StreamRequest, TextDelta, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
-from services.queue.connection import RedisOwner
+from services.queue.connection import RedisOwner, loop_redis
 from services.queue.keys import DETOKENIZER_GROUP, QueueKeys
 from services.queue.outage import guard
 from services.queue.scripts import LuaScript
@@ -62,8 +59,7 @@ class DetokenizerQueue(RedisOwner):
     def __init__(self, url: str, config: QueueConfig | None = None) -> None:
         self._config = config or QueueConfig()
         self._keys = QueueKeys(self._config.key_prefix)
-        retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=3)
-        self._redis = redis.Redis.from_url(url, protocol=2, decode_responses=False, retry=retry)
+        self._redis = loop_redis(url)  # RESP2, raw bytes: the shapes the codec reads
         self._scripts: dict[LuaScript, Script] = {s: self._redis.register_script(s.value) for s in LuaScript}
         self._assignments = self._keys.detokenizer_assignments
 

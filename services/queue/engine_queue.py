@@ -19,18 +19,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.exceptions import ResponseError
-from redis.retry import Retry
 from redis.typing import EncodableT, KeyT, StreamIdT
 
 from services.errors import InvalidParameterError
 from services.messages import FinishReason, GenerationRequest, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
-from services.queue.connection import RedisOwner
+from services.queue.connection import RedisOwner, loop_redis
 from services.queue.keys import ENGINE_GROUP, PRIORITIES, ModelKeys, QueueKeys, split_ticket
 from services.queue.outage import guard
 from services.queue.output_stream import collect_tokens
@@ -76,11 +73,7 @@ class EngineQueue(RedisOwner):
     def __init__(self, url: str, config: QueueConfig | None = None) -> None:
         self._config = config or QueueConfig()
         self._keys = QueueKeys(self._config.key_prefix)
-        # RESP2 and raw bytes: the shapes the codec reads (token ids are packed binary).
-        # Few, short retries: the replica's loop waits out longer outages itself, beating its
-        # health check meanwhile; seconds of retrying inside one call would look like a stall.
-        retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=3)
-        self._redis = redis.Redis.from_url(url, protocol=2, decode_responses=False, retry=retry)
+        self._redis = loop_redis(url)  # RESP2, raw bytes: the shapes the codec reads
         self._scripts: dict[LuaScript, Script] = {s: self._redis.register_script(s.value) for s in LuaScript}
 
     @guard
