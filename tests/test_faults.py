@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -121,14 +122,10 @@ def test_engine_replica_killed_with_64_in_flight_loses_nothing(stack: Stack) -> 
     baseline = run_all("calm")
     with ThreadPoolExecutor(max_workers=1) as background:
         faulty = background.submit(run_all, "kill9")
-        victim = None
-        deadline = time.monotonic() + 30
-        while victim is None and time.monotonic() < deadline:
-            statuses = stack.engine_statuses(2).values()
-            if sum(bool(s.held_request_ids) for s in statuses) == 2:  # work in flight on both replicas
-                victim = max(statuses, key=lambda s: len(s.held_request_ids))
-        assert victim is not None, "the two replicas never held work at the same time"
-        os.kill(victim.pid, signal.SIGKILL)
+        kill_the_busier_of_two(
+            lambda: {pid: s.held_request_ids for pid, s in stack.engine_statuses(2).items()},
+            "the two replicas never held work at the same time",
+        )
         results = faulty.result(timeout=240)
     assert results == baseline
     wait_until(lambda: stack.unfinished_in_queue() == (0, 0), 10, "every request to be acknowledged")
@@ -157,17 +154,24 @@ def test_detokenizer_replica_killed_mid_stream_loses_nothing(stack: Stack) -> No
     baseline = run_all("detok-calm")
     with ThreadPoolExecutor(max_workers=1) as background:
         faulty = background.submit(run_all, "detok-kill9")
-        victim = None
-        deadline = time.monotonic() + 30
-        while victim is None and time.monotonic() < deadline:
-            owners = stack.detokenizer_owners(2)
-            if len(owners) == 2 and all(owners.values()):  # both replicas render some streams
-                victim = max(owners, key=lambda pid: len(owners[pid]))
-        assert victim is not None, "the two detokenizer replicas never owned streams at the same time"
-        os.kill(victim, signal.SIGKILL)
+        kill_the_busier_of_two(
+            lambda: stack.detokenizer_owners(2),
+            "the two detokenizer replicas never owned streams at the same time",
+        )
         results = faulty.result(timeout=240)
     assert results == baseline
     wait_until(lambda: len(stack.detokenizer_owners(2)) == 2, 120, "Serve to restore two detokenizers")
+
+
+def kill_the_busier_of_two(requests_by_pid: Callable[[], dict[int, tuple[str, ...]]], never: str) -> None:
+    """SIGKILL, as soon as both of two replicas hold requests, the one holding more."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = requests_by_pid()
+        if len(held) == 2 and all(held.values()):
+            os.kill(max(held, key=lambda pid: len(held[pid])), signal.SIGKILL)
+            return
+    raise AssertionError(never)
 
 
 def output_chunk_starts(stack: Stack, request_id: str) -> list[int]:

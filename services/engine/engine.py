@@ -23,6 +23,7 @@ from services.engine.outputs import (
     RequestOutput,
     TokenLogprob,
 )
+from services.engine.request_checks import check_request
 from services.engine.sampler import SampledToken, Sampler
 from services.engine.scheduler import Scheduler, SchedulerOutput
 from services.engine.sequence import Sequence
@@ -208,32 +209,15 @@ class Engine:
     def _validate(
         self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, output_prefix: Seq[int]
     ) -> None:
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidParameterError("request_id", request_id, "must be a non-empty string")
-        if request_id in self._sequences:
-            raise InvalidParameterError("request_id", request_id, "a request with this id is running")
-        if not isinstance(params, SamplingParams):
-            raise InvalidParameterError("params", type(params).__name__, "must be SamplingParams")
-        if len(prompt_ids) == 0:
-            raise InvalidParameterError("prompt", 0, "must hold at least one token")
-        vocab = self.spec.vocab_size
-        for field_name, ids in (("prompt", prompt_ids), ("output_prefix", output_prefix)):
-            for token_id in ids:
-                if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
-                    raise InvalidParameterError(
-                        f"{field_name}.token_ids", token_id, f"token ids must be integers in [0, {vocab})"
-                    )
-        total = len(prompt_ids) + len(output_prefix)
-        if total >= self.max_model_len:
-            raise InvalidParameterError(
-                "prompt",
-                total,
-                f"prompt of {total} tokens leaves no room in a context of {self.max_model_len}",
-            )
-        if len(output_prefix) >= params.max_tokens:
-            raise InvalidParameterError(
-                "output_prefix", len(output_prefix), f"already holds max_tokens={params.max_tokens} tokens"
-            )
+        check_request(
+            request_id,
+            self._sequences,
+            prompt_ids,
+            params,
+            output_prefix,
+            vocab_size=self.spec.vocab_size,
+            max_model_len=self.max_model_len,
+        )
         needed = self.blocks_for(len(prompt_ids) + params.max_tokens)
         if needed > self.block_manager.num_blocks:
             raise InvalidParameterError(

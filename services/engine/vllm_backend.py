@@ -51,6 +51,7 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.outputs import EngineCapacity, EngineStats, RequestOutput, TokenLogprob
+from services.engine.request_checks import check_request
 from services.engine.sampler import draw_seed
 from services.errors import InvalidParameterError
 from services.messages import FinishReason, SamplingParams
@@ -262,38 +263,15 @@ class VllmEngine:
     def _validate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, output_prefix: Sequence[int]
     ) -> None:
-        """The checks of our engine, so that both backends refuse the same requests the same way."""
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidParameterError("request_id", request_id, "must be a non-empty string")
-        if request_id in self._running:
-            raise InvalidParameterError("request_id", request_id, "a request with this id is running")
-        if not isinstance(params, SamplingParams):
-            raise InvalidParameterError("params", type(params).__name__, "must be SamplingParams")
-        if len(prompt_ids) == 0:
-            raise InvalidParameterError("prompt", 0, "must hold at least one token")
-        for field_name, ids in (("prompt", prompt_ids), ("output_prefix", output_prefix)):
-            for token_id in ids:
-                if (
-                    isinstance(token_id, bool)
-                    or not isinstance(token_id, int)
-                    or not 0 <= token_id < self._vocab_size
-                ):
-                    raise InvalidParameterError(
-                        f"{field_name}.token_ids",
-                        token_id,
-                        f"token ids must be integers in [0, {self._vocab_size})",
-                    )
-        total = len(prompt_ids) + len(output_prefix)
-        if total >= self.max_model_len:
-            raise InvalidParameterError(
-                "prompt",
-                total,
-                f"prompt of {total} tokens leaves no room in a context of {self.max_model_len}",
-            )
-        if len(output_prefix) >= params.max_tokens:
-            raise InvalidParameterError(
-                "output_prefix", len(output_prefix), f"already holds max_tokens={params.max_tokens} tokens"
-            )
+        check_request(
+            request_id,
+            self._running,
+            prompt_ids,
+            params,
+            output_prefix,
+            vocab_size=self._vocab_size,
+            max_model_len=self.max_model_len,
+        )
 
 
 def vllm_block_size(block_size: int, device: str) -> int:
