@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument(
-        "--grpc-ingress", choices=("haproxy", "direct", "proxy"), default=None, help="default: AppConfig's"
+        "--grpc-ingress", choices=("replica", "haproxy", "direct", "proxy"), default=None, help="default: AppConfig's"
     )
     args = parser.parse_args(argv)
     run_pipeline_benchmark(args.quick, args.json, model_path=args.model, grpc_ingress=args.grpc_ingress)

@@ -1,9 +1,10 @@
 """The builder: AppConfig -> Ray Serve application.
 
 Plain classes become deployments here and nowhere else: the tokenizer, one
-engine deployment per model, the detokenizer, and the ingress that Ray Serve's
-gRPC proxy routes to. ``build_app`` is also the import path for ``serve deploy``
-(``cluster/serve-config.yaml``), with the AppConfig given as the app's args.
+engine deployment per model, the detokenizer, and the ingress, which serves gRPC
+itself (``grpc_ingress: replica``) or behind one of Ray Serve's gRPC servers.
+``build_app`` is also the import path for ``serve deploy`` (``cluster/serve-config.yaml``),
+with the AppConfig given as the app's args.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from services.ingress.servicer import IngressService
 from services.queue.registry import add_published_variants
 from services.tokenizer.service import TokenizerService
 
-GRPC_SERVICER_FUNCTION = "services.ingress.registration.add_generation_servicer"
+# Ray Serve's gRPC servers (grpc_ingress other than 'replica') register the services with these.
+GRPC_SERVICER_FUNCTIONS = [
+    "services.ingress.registration.add_generation_servicer",
+    "services.ingress.registration.add_health_servicer",
+]
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
 # Beyond the drain: stopping the loop and handing the rest back to the queue.
@@ -95,7 +100,12 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         for model in app_config.models
     }
     return _deployment(IngressService, name="ingress", **stream_holder).bind(
-        app_config.ingress_config(), app_config.redis_url, tokenizer, detokenizer, engines
+        app_config.ingress_config(),
+        app_config.redis_url,
+        tokenizer,
+        detokenizer,
+        engines,
+        app_config.grpc_server_settings(),
     )
 
 

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     pipeline.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     pipeline.add_argument(
-        "--grpc-ingress", choices=("haproxy", "direct", "proxy"), default=None, help="default: the app's"
+        "--grpc-ingress", choices=("replica", "haproxy", "direct", "proxy"), default=None, help="default: the app's"
     )
     pipeline.set_defaults(handler=_bench_pipeline)
     soak = bench_kinds.add_parser(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.edge_config import GrpcServerSettings, TlsConfig
 from services.engine.config import Backend, EngineConfig
 from services.errors import InvalidParameterError
 from services.queue.config import QueueConfig
@@ -184,13 +185,19 @@ class AppConfig(BaseModel):
         "Kubernetes Secret, kept out of the Serve config).",
     )
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="The gRPC port clients dial.")
-    grpc_ingress: Literal["haproxy", "direct", "proxy"] = Field(
-        default="haproxy",
-        description="How calls reach the ingress replicas. 'haproxy': Ray Serve's direct ingress (each "
-        "ingress replica serves gRPC itself) behind HAProxy, which listens on grpc_port on every node: "
-        "no Python hop, a stable port across replica restarts (needs the haproxy binary). 'direct': the "
-        "ingress replicas' own ports, from grpc_port up; a restarted replica may come back on another "
-        "port. 'proxy': Ray Serve's Python gRPC proxy on grpc_port, one Ray streaming hop per message.",
+    grpc_ingress: Literal["replica", "haproxy", "direct", "proxy"] = Field(
+        default="replica",
+        description="How calls reach the ingress replicas. 'replica': each ingress replica runs its own "
+        "gRPC server on grpc_port (shared by the replicas of a node through SO_REUSEPORT), with "
+        "grpc.health.v1, reflection and TLS; no proxy, no HAProxy. 'haproxy': Ray Serve's direct "
+        "ingress (each ingress replica serves gRPC itself) behind HAProxy, which listens on grpc_port "
+        "on every node: no Python hop, a stable port across replica restarts (needs the haproxy "
+        "binary). 'direct': the ingress replicas' own ports, from grpc_port up; a restarted "
+        "replica may come back on another port. 'proxy': Ray Serve's Python gRPC proxy on "
+        "grpc_port, one Ray streaming hop per message.",
+    )
+    tls: TlsConfig | None = Field(
+        default=None, description="TLS on grpc_port (grpc_ingress 'replica' only); None = plaintext."
     )
     grpc_max_message_bytes: int = Field(
         default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
@@ -224,7 +231,23 @@ class AppConfig(BaseModel):
             raise ValueError(f"models: duplicate names in {names}")
         if self.default_model and self.default_model not in names:
             raise ValueError(f"default_model: {self.default_model!r} is not one of {names}")
+        if self.tls is not None and self.grpc_ingress != "replica":
+            raise ValueError(
+                f"tls: needs grpc_ingress 'replica' (Ray Serve's gRPC servers have no TLS), "
+                f"got {self.grpc_ingress!r}"
+            )
         return self
+
+    def grpc_server_settings(self) -> GrpcServerSettings | None:
+        """The ingress replicas' own server, None when Ray Serve serves gRPC."""
+        if self.grpc_ingress != "replica":
+            return None
+        return GrpcServerSettings(
+            port=self.grpc_port,
+            max_message_bytes=self.grpc_max_message_bytes,
+            drain_s=self.stream_drain_s,
+            tls=self.tls,
+        )
 
     def with_environment(self) -> AppConfig:
         """This config with the ``${NAME}`` references of ``redis_url`` filled in."""

@@ -9,12 +9,13 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
+from ray.serve.config import ProxyLocation, gRPCOptions
 
-from services.app import GRPC_SERVICER_FUNCTION, build_app
+from services.app import GRPC_SERVICER_FUNCTIONS, build_app
 from services.config import AppConfig, local_api_key_path
 from services.ingress.api_keys import ApiKeyStore
 from services.queue import RedisServer
@@ -57,20 +58,28 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             with _keeping_stop_signal_handlers():
                 ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
-        serve.start(
-            grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
-            http_options={"host": "127.0.0.1", "port": http_port(config)},
-        )
+        serve.start(**serve_options(config))
         stack.callback(serve.shutdown)
         serve.run(build_app(config), name=config.app_name)
         yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", redis_server)
+
+
+def serve_options(config: AppConfig) -> dict[str, Any]:
+    """``serve.start`` arguments: with ``grpc_ingress: replica`` the ingress replicas serve the
+    port themselves and Serve runs no proxy at all."""
+    if config.grpc_ingress == "replica":
+        return {"proxy_location": ProxyLocation.Disabled}
+    return {
+        "grpc_options": gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+        "http_options": {"host": "127.0.0.1", "port": http_port(config)},
+    }
 
 
 def ingress_environment(config: AppConfig) -> dict[str, str]:
     """The Ray Serve settings behind ``grpc_ingress``. Serve reads them from the environment of
     its controller and replicas only; a local Ray started here inherits this process's, and
     on an existing cluster they must be set where Ray runs (cluster/ and the Helm chart do)."""
-    if config.grpc_ingress == "proxy":
+    if config.grpc_ingress in ("replica", "proxy"):
         return {DIRECT_INGRESS_ENV: "0", HA_PROXY_ENV: "0"}
     first = config.grpc_port + 1 if config.grpc_ingress == "haproxy" else config.grpc_port
     return {

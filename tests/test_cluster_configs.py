@@ -91,7 +91,7 @@ def built_deployments(args: dict[str, Any], import_path: str) -> dict[str, Any]:
 def test_serve_config_is_a_valid_serve_deploy_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from services.app import GRPC_SERVICER_FUNCTION
+    from services.app import GRPC_SERVICER_FUNCTIONS
 
     raw = load_yaml(SERVE_CONFIG)
     schema = ServeDeploySchema.model_validate(raw)
@@ -104,7 +104,7 @@ def test_serve_config_is_a_valid_serve_deploy_config() -> None:
     # a route prefix; with None the gRPC proxy answers NOT_FOUND for every call.
     assert application.route_prefix is not None
     assert schema.grpc_options.port == args["grpc_port"] == 50051
-    assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER_FUNCTION]
+    assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
 
 
 def test_serve_config_args_validate_as_app_config() -> None:

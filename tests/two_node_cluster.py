@@ -26,7 +26,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 from ray.serve.config import gRPCOptions
 
-from services.app import GRPC_SERVICER_FUNCTION
+from services.app import GRPC_SERVICER_FUNCTIONS
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.ingress.api_keys import ApiKeyStore
 from services.queue import QueueConfig, RedisServer
@@ -112,7 +112,7 @@ def serve_on_two_nodes(config: AppConfig, started: float) -> int:
         # One gRPC proxy, on the head: both nodes share this machine's address and port.
         serve.start(
             proxy_location="HeadOnly",
-            grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]),
+            grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
             http_options={"host": "127.0.0.1", "port": 0},
         )
         threading.Thread(target=serve_app, name="serve-app", daemon=True).start()

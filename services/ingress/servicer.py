@@ -1,4 +1,5 @@
-"""The ingress deployment: Ray Serve's gRPC proxy calls the method named like the RPC.
+"""The ingress deployment: its own gRPC server (or one of Ray Serve's) calls the method named
+like the RPC.
 
 It authenticates, validates, tokenizes (tokenizer deployment), fixes request id
 and seed, applies the tenant's rate limits and enqueues durably in Redis. The text
@@ -21,15 +22,18 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from ray.serve.grpc_util import RayServegRPCContext
+from grpc_health.v1 import health_pb2
 
 from services.config import IngressConfig
+from services.edge_config import GrpcServerSettings
 from services.errors import ModelNotFoundError, QueueUnavailableError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
+from services.ingress.grpc_server import IngressGrpcServer
+from services.ingress.health import IngressHealth
 from services.ingress.ratelimit import RateLimiter
-from services.ingress.status import RpcError, abort, rpc_error_for
+from services.ingress.status import CallContext, RpcError, abort, rpc_error_for
 from services.ingress.text_fanout import TextFanout
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
 from services.proto.tokenline.v1 import generation_pb2 as pb
@@ -44,7 +48,7 @@ ANONYMOUS = Tenant(name="anonymous", key_id="", models=(), requests_per_minute=0
 
 
 @contextlib.contextmanager
-def _status_on_error(grpc_context: RayServegRPCContext) -> Iterator[None]:
+def _status_on_error(grpc_context: CallContext) -> Iterator[None]:
     """Turn a typed error into the RPC's status code (INVALID_ARGUMENT, NOT_FOUND, ...)."""
     try:
         yield
@@ -55,14 +59,20 @@ def _status_on_error(grpc_context: RayServegRPCContext) -> Iterator[None]:
 _Message = TypeVar("_Message", bound=Message)
 
 
-def _parse(message_type: type[_Message], raw: bytes, grpc_context: RayServegRPCContext) -> _Message:
+def _parse(message_type: type[_Message], raw: bytes, grpc_context: CallContext) -> _Message:
     with _status_on_error(grpc_context):
         return convert.parse_message(message_type, raw)
 
 
 class IngressService:
     def __init__(
-        self, config: IngressConfig, redis_url: str, tokenizer: Any, detokenizer: Any, engines: dict[str, Any]
+        self,
+        config: IngressConfig,
+        redis_url: str,
+        tokenizer: Any,
+        detokenizer: Any,
+        engines: dict[str, Any],
+        server: GrpcServerSettings | None = None,
     ) -> None:
         self._config = config
         self._queue = QueueClient(redis_url, config.queue)
@@ -76,9 +86,30 @@ class IngressService:
         self._texts = TextFanout(self._queue, wake_key, config.queue.reader_outage_s)
         self._models: dict[str, ModelInfo] = {}
         self._seeds = random.SystemRandom()
+        self._health = IngressHealth()
+        # grpc_ingress 'replica': this replica serves the port itself. The port is bound here, so
+        # a port held by another program fails the replica's start; Serve constructs us on the
+        # event loop that runs our calls, which the server then shares.
+        self._server = IngressGrpcServer(self, server) if server is not None else None
+        self._server_started = (
+            asyncio.get_running_loop().create_task(self._server.start()) if self._server is not None else None
+        )
+
+    # ---- lifecycle (Ray Serve calls these) ------------------------------------------------
+    def check_health(self) -> None:
+        started = self._server_started
+        if started is not None and started.done() and started.exception() is not None:
+            raise RuntimeError("the ingress gRPC server did not start") from started.exception()
+
+    async def __del__(self) -> None:
+        """Serve's graceful stop: our streams are not Serve requests, so the drain happens here."""
+        self._health.set_serving(False)
+        if self._server is not None:
+            await self._server.stop()
+        await self._texts.aclose()
 
     # ---- RPCs -----------------------------------------------------------------------------
-    async def Generate(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+    async def Generate(self, raw: bytes, grpc_context: CallContext) -> pb.GenerateResponse:
         request = _parse(pb.GenerateRequest, raw, grpc_context)
         text: list[str] = []
         token_ids: list[int] = []
@@ -100,14 +131,14 @@ class IngressService:
         )
 
     async def GenerateStream(
-        self, raw: bytes, grpc_context: RayServegRPCContext
+        self, raw: bytes, grpc_context: CallContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         request = _parse(pb.GenerateRequest, raw, grpc_context)
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
     async def Resume(
-        self, raw: bytes, grpc_context: RayServegRPCContext
+        self, raw: bytes, grpc_context: CallContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """The rest of an accepted request's stream, from token ``from_token``: for a client
         whose stream broke (an ingress replica died, a connection dropped)."""
@@ -123,7 +154,7 @@ class IngressService:
         async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
             yield convert.stream_response(delta)
 
-    async def Tokenize(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
+    async def Tokenize(self, raw: bytes, grpc_context: CallContext) -> pb.TokenizeResponse:
         request = _parse(pb.TokenizeRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
             model = self._model_name(request.model)
@@ -131,7 +162,7 @@ class IngressService:
             encoded = await self._encode(model, convert.parse_prompt(request))
         return pb.TokenizeResponse(token_ids=encoded, count=len(encoded))
 
-    async def Cancel(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
+    async def Cancel(self, raw: bytes, grpc_context: CallContext) -> pb.CancelResponse:
         request = _parse(pb.CancelRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
             model = self._model_name(request.model)
@@ -140,7 +171,7 @@ class IngressService:
             found = await self._queue.cancel(model, request.request_id)
         return pb.CancelResponse(found=found)
 
-    async def ListModels(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
+    async def ListModels(self, raw: bytes, grpc_context: CallContext) -> pb.ListModelsResponse:
         _parse(pb.ListModelsRequest, raw, grpc_context)  # no fields, but corrupt bytes are still refused
         with _status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)
@@ -159,9 +190,20 @@ class IngressService:
             ]
         )
 
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: CallContext
+    ) -> health_pb2.HealthCheckResponse:
+        return await self._health.Check(request, grpc_context)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: CallContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        async for status in self._health.Watch(request, grpc_context):
+            yield status
+
     # ---- the path of one request ----------------------------------------------------------
     async def _generate(
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+        self, request: pb.GenerateRequest, grpc_context: CallContext
     ) -> AsyncIterator[TextDelta]:
         with _status_on_error(grpc_context):
             accepted = await self._accept(request, grpc_context)
@@ -172,7 +214,7 @@ class IngressService:
             yield delta
 
     async def _accept(
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+        self, request: pb.GenerateRequest, grpc_context: CallContext
     ) -> GenerationRequest:
         parsed = convert.parse_generate(request)
         model = self._model_name(parsed.model)
@@ -208,7 +250,7 @@ class IngressService:
         return accepted
 
     async def _follow(
-        self, stream: StreamRequest, grpc_context: RayServegRPCContext
+        self, stream: StreamRequest, grpc_context: CallContext
     ) -> AsyncIterator[TextDelta]:
         """Relay the request's text deltas; a stream that ends early cancels the request."""
         finished = False  # True also when the client is told to resume
@@ -239,7 +281,7 @@ class IngressService:
         except QueueUnavailableError:
             logger.warning("could not cancel an abandoned stream", extra={"request_id": stream.request_id})
 
-    async def _authenticate(self, grpc_context: RayServegRPCContext, model: str | None) -> Tenant:
+    async def _authenticate(self, grpc_context: CallContext, model: str | None) -> Tenant:
         if not self._config.auth.enabled:
             return ANONYMOUS
         return await self._auth.authenticate(grpc_context.invocation_metadata(), model)

@@ -1,13 +1,15 @@
-"""Typed errors -> gRPC status codes, set on Ray Serve's gRPC context.
+"""Typed errors -> gRPC status codes, set on the call's context.
 
-Ray Serve's proxy keeps a status code that the deployment set on its context
-before raising, so every refusal goes through ``RpcError`` here.
+Ray Serve's gRPC servers keep a status code that the deployment set on its context
+before raising, and our own server turns ``RpcError`` into that status, so every
+refusal goes through ``RpcError`` here.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import grpc
-from ray.serve.grpc_util import RayServegRPCContext
 
 from services.errors import (
     InvalidParameterError,
@@ -20,6 +22,17 @@ from services.errors import (
 )
 from services.ingress.auth import AuthenticationError, PermissionDeniedError
 from services.ingress.ratelimit import RateLimitedError
+
+
+class CallContext(Protocol):
+    """What the ingress uses of a call's context: Ray Serve's ``RayServegRPCContext`` and
+    ``grpc.aio.ServicerContext`` both provide it."""
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+    def invocation_metadata(self) -> Any: ...
 
 
 class RpcError(Exception):
@@ -54,7 +67,7 @@ def rpc_error_for(error: TokenlineError) -> RpcError:
     return RpcError(grpc.StatusCode.INTERNAL, str(error))
 
 
-def abort(context: RayServegRPCContext, error: RpcError) -> RpcError:
+def abort(context: CallContext, error: RpcError) -> RpcError:
     """Record the status on the context and hand back the error for the caller to raise."""
     context.set_code(error.code)
     context.set_details(error.details)

@@ -143,7 +143,7 @@ app.kubernetes.io/component: redis
 {{- $deployments = append $deployments (dict "name" $name "num_replicas" (int $frontend.replicas) "ray_actor_options" (dict "num_cpus" $frontend.cpus)) -}}
 {{- end -}}
 {{- $application := dict "name" .Values.serve.appName "import_path" "services.app:build_app" "route_prefix" "/" "args" $args "deployments" $deployments -}}
-{{- $grpc := dict "port" (int .Values.grpc.port) "grpc_servicer_functions" (list "services.ingress.registration.add_generation_servicer") -}}
+{{- $grpc := dict "port" (int .Values.grpc.port) "grpc_servicer_functions" (list "services.ingress.registration.add_generation_servicer" "services.ingress.registration.add_health_servicer") -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "grpc_options" $grpc "logging_config" (dict "encoding" "JSON" "log_level" .Values.serve.logLevel) "applications" (list $application) -}}
 {{- toYaml $config -}}
 {{- end -}}

@@ -1,0 +1,127 @@
+"""The ingress replica's own gRPC server (``grpc_ingress: replica``).
+
+Each ingress replica serves ``tokenline.v1.Generation`` itself on ``grpc_port``, on the
+event loop its calls already run on, so a streamed message costs one protobuf write and
+no hop to another thread, actor or proxy. The socket is opened with SO_REUSEPORT: the
+ingress replicas of one node share the port and the kernel spreads connections over
+them; a replacement replica binds the same port, so the address clients dial never moves.
+
+Next to the Generation service it serves ``grpc.health.v1.Health`` (``ingress.health``,
+for Kubernetes gRPC probes) and server reflection (for ``grpcurl``), and TLS when a
+certificate is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.edge_config import GrpcServerSettings, TlsConfig
+from services.errors import InvalidParameterError
+from services.ingress.registration import HEALTH_SERVICE, SERVICE_NAME, generation_handlers, health_handlers
+from services.ingress.status import RpcError
+
+logger = logging.getLogger(__name__)
+
+OVERALL = ""
+# Serve kills a stopping replica drain_s after asking it to stop; the server's own stop and
+# the reader's close need this much of it.
+STOP_MARGIN_S = 2.0  # the health service's name for the server as a whole
+_Unary = Callable[[bytes, Any], Awaitable[Any]]
+_Streaming = Callable[[bytes, Any], AsyncIterator[Any]]
+
+
+class IngressBindError(RuntimeError):
+    """The gRPC port could not be bound (taken by a process that does not share it)."""
+
+
+def _unary(method: _Unary) -> _Unary:
+    """A grpc.aio handler that ends the call with the status an ``RpcError`` carries
+    (grpc.aio turns any other exception into UNKNOWN)."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await method(raw, context)
+        except RpcError as error:
+            await context.abort(error.code, error.details)
+
+    return handle
+
+
+def _streaming(method: _Streaming) -> _Streaming:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for message in method(raw, context):
+                yield message
+        except RpcError as error:
+            await context.abort(error.code, error.details)
+
+    return handle
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """PEM files -> credentials; a missing or unreadable file is an error naming its field."""
+
+    def read(field: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise InvalidParameterError(f"tls.{field}", path, f"cannot be read ({error.strerror})") from error
+
+    chain = [(read("key_file", tls.key_file), read("cert_file", tls.cert_file))]
+    if not tls.client_ca_file:
+        return grpc.ssl_server_credentials(chain)
+    return grpc.ssl_server_credentials(
+        chain, root_certificates=read("client_ca_file", tls.client_ca_file), require_client_auth=True
+    )
+
+
+class IngressGrpcServer:
+    """One replica's listener: Generation + Health + reflection on the shared port; ``servicer``
+    has the methods of both services (``IngressService``)."""
+
+    def __init__(self, servicer: Any, settings: GrpcServerSettings) -> None:
+        self._settings = settings
+        size = settings.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ]
+        )
+        self._server.add_generic_rpc_handlers(
+            (
+                generation_handlers(servicer, unary=_unary, streaming=_streaming),
+                health_handlers(servicer, unary=_unary, streaming=_streaming),
+            )
+        )
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
+        )
+        address = f"[::]:{settings.port}"
+        try:
+            if settings.tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, server_credentials(settings.tls))
+        except RuntimeError as error:
+            raise IngressBindError(f"cannot listen on {address}: {error}") from error
+        if self.port == 0:
+            raise IngressBindError(f"cannot listen on {address}")
+
+    async def start(self) -> None:
+        await self._server.start()
+        logger.info(
+            "ingress gRPC server listening", extra={"port": self.port, "tls": self._settings.tls is not None}
+        )
+
+    async def stop(self) -> None:
+        """Refuse new calls, give open streams the drain time to finish, then cancel the rest;
+        their clients Resume. (The caller says NOT_SERVING on the health service first.)"""
+        await self._server.stop(max(0.0, self._settings.drain_s - STOP_MARGIN_S))
