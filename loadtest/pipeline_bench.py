@@ -45,6 +45,7 @@ from loadtest.pipeline_report import assemble, format_table
 from loadtest.pipeline_runs import Log, run_in_process_side, run_stack_side
 from loadtest.report import write_json
 from loadtest.stats import token_agreement
+from services.edge_config import GRPC_INGRESS_MODES
 
 # demo_prompts: loadtest/locustfile.py imports it from here
 __all__ = ["demo_prompts", "main", "run_pipeline_benchmark", "run_plan"]
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument(
-        "--grpc-ingress", choices=("replica", "haproxy", "direct", "proxy"), default=None, help="default: AppConfig's"
+        "--grpc-ingress", choices=GRPC_INGRESS_MODES, default=None, help="default: AppConfig's"
     )
     args = parser.parse_args(argv)
     run_pipeline_benchmark(args.quick, args.json, model_path=args.model, grpc_ingress=args.grpc_ingress)

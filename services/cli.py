@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.edge_config import GRPC_INGRESS_MODES
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--quick", action="store_true", help="fewer requests, same shape (<10 min)")
     pipeline.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     pipeline.add_argument(
-        "--grpc-ingress", choices=("replica", "haproxy", "direct", "proxy"), default=None, help="default: the app's"
+        "--grpc-ingress", choices=GRPC_INGRESS_MODES, default=None, help="default: the app's"
     )
     pipeline.set_defaults(handler=_bench_pipeline)
     soak = bench_kinds.add_parser(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.edge_config import GrpcServerSettings, TlsConfig
+from services.edge_config import GrpcIngress, GrpcServerSettings, TlsConfig
 from services.engine.config import Backend, EngineConfig
 from services.errors import InvalidParameterError
 from services.queue.config import QueueConfig
@@ -185,7 +185,7 @@ class AppConfig(BaseModel):
         "Kubernetes Secret, kept out of the Serve config).",
     )
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="The gRPC port clients dial.")
-    grpc_ingress: Literal["replica", "haproxy", "direct", "proxy"] = Field(
+    grpc_ingress: GrpcIngress = Field(
         default="replica",
         description="How calls reach the ingress replicas. 'replica': each ingress replica runs its own "
         "gRPC server on grpc_port (shared by the replicas of a node through SO_REUSEPORT), with "

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# How calls reach the ingress replicas (AppConfig.grpc_ingress says what each one is).
+GrpcIngress = Literal["replica", "haproxy", "direct", "proxy"]
+GRPC_INGRESS_MODES: tuple[str, ...] = get_args(GrpcIngress)
 
 
 class TlsConfig(BaseModel):

@@ -3,8 +3,9 @@
 With grpc_ingress 'replica' (the default) the ingress replicas' own gRPC servers take the
 limit from the config. Ray Serve's gRPC proxy (other modes) takes it from
 RAY_SERVE_GRPC_MAX_MESSAGE_SIZE in its own environment; services/server.py places the
-configured value there before ray.init. A request one byte over the limit is refused by gRPC itself (RESOURCE_EXHAUSTED); one at the
-limit reaches tokenline, which refuses a prompt that long by naming the prompt field.
+configured value there before ray.init. A request one byte over the limit is refused by gRPC
+itself (RESOURCE_EXHAUSTED); one at the limit reaches tokenline, which refuses a prompt that
+long by naming the prompt field.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def of_size(build: Callable[[int], Message], size: int) -> Message:
 def test_the_proxy_runs_with_the_configured_limit(stack: Stack) -> None:
     """The variable reached the proxy process (a child of the raylet, not of this process)."""
     if stack.config.grpc_ingress == "replica":
-        pytest.skip("grpc_ingress 'replica' runs no proxy; the size tests below check the ingress's own limit")
+        pytest.skip("grpc_ingress 'replica' runs no proxy; the size tests below check the ingress's limit")
     proxies = [
         p for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or ())
     ]
