@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from services.config import AppConfig, ModelConfig, local_api_key_path
+from services.edge_config import TlsConfig
 from services.engine.config import BACKENDS
 from services.engine.vllm_backend import vllm_block_size
 
@@ -39,6 +40,8 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--variants", nargs="+", default=None, metavar="MODEL@RECIPE",
         help="published quantized variants to serve next to their source (needs --redis-url)",
     )
+    serve_cmd.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    serve_cmd.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
     serve_cmd.set_defaults(handler=_serve)
 
     gen = commands.add_parser("generate", help="send one prompt over gRPC and print the answer")
@@ -53,6 +56,8 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     gen.add_argument(
         "--api-key", default=None, help="sent as 'authorization: Bearer KEY' (default: the key `serve` wrote)"
     )
+    gen.add_argument("--tls", action="store_true", help="connect over TLS (system roots unless --ca)")
+    gen.add_argument("--ca", default=None, help="CA (PEM) that signed the server certificate; implies --tls")
     gen.set_defaults(handler=_generate)
 
 
@@ -88,6 +93,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         updates["grpc_port"] = args.grpc_port
     if args.variants:
         updates["variants"] = tuple(args.variants)
+    if args.tls_cert or args.tls_key:
+        updates["tls"] = TlsConfig(cert_file=args.tls_cert or "", key_file=args.tls_key or "")
     if args.no_auth:
         updates["auth"] = config.auth.model_copy(update={"enabled": False})
     return AppConfig.model_validate({**config.model_dump(), **updates})
@@ -115,5 +122,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         chat=args.chat,
         api_key=api_key,
+        tls=args.tls,
+        ca_file=args.ca,
     )
     return generate_to_stdout(args.prompt, options, out=sys.stdout)

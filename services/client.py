@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -23,11 +24,23 @@ class GenerateOptions:
     chat: bool = False
     api_key: str | None = None
     timeout_s: float = 120.0
+    tls: bool = False  # TLS to the server; the CA below, else the system's roots
+    ca_file: str | None = None
+
+
+def channel_credentials(ca_file: str | None) -> grpc.ChannelCredentials:
+    """TLS credentials that trust ``ca_file`` (PEM), or the system's roots when None."""
+    roots = Path(ca_file).read_bytes() if ca_file else None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
 
 
 class TokenlineClient:
-    def __init__(self, target: str, api_key: str | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        self._channel = (
+            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+        )
         self.stub = pb_grpc.GenerationStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
@@ -99,7 +112,8 @@ def build_request(prompt: str, options: GenerateOptions) -> pb.GenerateRequest:
 
 def generate_to_stdout(prompt: str, options: GenerateOptions, out: TextIO) -> int:
     request = build_request(prompt, options)
-    with TokenlineClient(options.target, options.api_key) as client:
+    credentials = channel_credentials(options.ca_file) if options.tls or options.ca_file else None
+    with TokenlineClient(options.target, options.api_key, credentials) as client:
         try:
             if options.stream:
                 for message in client.stream(request, options.timeout_s):

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import redis
 from ray import serve
 
@@ -83,24 +84,26 @@ def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: 
     )
 
 
-def start_stack(config: AppConfig) -> Iterator[Stack]:
+def start_stack(config: AppConfig, credentials: grpc.ChannelCredentials | None = None) -> Iterator[Stack]:
+    """The stack of ``config``, up and answering; ``credentials`` when it serves TLS."""
     with running_stack(config) as running:
         with ApiKeyStore(running.config.redis_url, config.queue.key_prefix) as keys:
             api_key, _ = keys.create("tester")
-        wait_ready(running.grpc_target, api_key)
+        wait_ready(running.grpc_target, api_key, credentials=credentials)
         if running.redis_server is None:
             raise RuntimeError("the test stack must start its own Redis")
         yield Stack(running.config, running.grpc_target, api_key, running.redis_server)
 
 
-def wait_ready(target: str, api_key: str, timeout_s: float = 120.0) -> None:
-    import grpc
-
+def wait_ready(
+    target: str, api_key: str, timeout_s: float = 120.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
     from services.proto.tokenline.v1 import generation_pb2 as pb
     from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    secure = credentials is not None
+    with grpc.secure_channel(target, credentials) if secure else grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         while True:
             try:

@@ -155,13 +155,15 @@ def test_builder_receives_the_args_dict_and_builds_every_overridden_deployment()
         assert engine.ray_actor_options["num_gpus"] == model["engine_num_gpus"]
 
 
-def test_grpc_servicer_function_imports() -> None:
+def test_grpc_servicer_functions_import() -> None:
     from ray.serve._private.utils import import_attr
 
-    (function,) = load_yaml(SERVE_CONFIG)["grpc_options"]["grpc_servicer_functions"]
-    add_servicer = import_attr(function)
-    assert callable(add_servicer)
-    assert list(inspect.signature(add_servicer).parameters) == ["servicer", "server"]
+    functions = load_yaml(SERVE_CONFIG)["grpc_options"]["grpc_servicer_functions"]
+    assert len(functions) == 2, "the Generation service and grpc.health.v1.Health"
+    for function in functions:
+        add_servicer = import_attr(function)
+        assert callable(add_servicer)
+        assert list(inspect.signature(add_servicer).parameters) == ["servicer", "server"]
 
 
 # --------------------------------------------------------------------------- redis.conf
