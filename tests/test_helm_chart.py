@@ -276,6 +276,7 @@ def test_default_render_has_every_part_of_a_first_install(
 ) -> None:
     from ray.serve.schema import ServeDeploySchema
 
+    from services.app import GRPC_SERVICER_FUNCTIONS
     from services.server import RAY_GRPC_MAX_MESSAGE_ENV
 
     kinds = sorted(d["kind"] for d in default_render)
@@ -302,6 +303,12 @@ def test_default_render_has_every_part_of_a_first_install(
     groups = {g["groupName"]: g for g in spec["rayClusterConfig"]["workerGroupSpecs"]}
     gpu_container = groups["gpu-workers"]["template"]["spec"]["containers"][0]
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    for group in groups.values():
+        # readiness = a grpc.health.v1 check on the gRPC port, which the ingress answers
+        probe = group["template"]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["grpc"] == {"port": config.grpc_port}
+    assert serve_config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS, "health served"
 
     grpc_service = one(default_render, "Service", f"{RELEASE}-tokenline-grpc")
     assert grpc_service["spec"]["ports"][0]["port"] == 50051

@@ -108,6 +108,7 @@ def greedy(prompt: str) -> pb.GenerateRequest:
     request = pb.GenerateRequest(text=prompt)
     request.sampling.temperature = 0.0
     request.sampling.max_tokens = 12
+    request.sampling.ignore_eos = True
     return request
 
 
