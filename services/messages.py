@@ -192,6 +192,20 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at an output position. ``text`` is the token decoded on
+    its own (filled in by the detokenizer; empty in token chunks)."""
+
+    token_id: int
+    logprob: float
+    text: str = ""
+
+
+# Per output token: its top alternatives, most likely first.
+TopLogprobs = tuple[tuple[TopLogprob, ...], ...]
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """New output tokens of one request: ids for output indices
     ``[start_index, start_index + len(token_ids))``. The last chunk of a request
@@ -204,6 +218,7 @@ class TokenChunk:
     usage: Usage | None = None
     error: str = ""
     logprobs: tuple[float, ...] = field(default=())
+    top_logprobs: TopLogprobs = ()  # one entry per token when the request asked for logprobs > 0
 
     @property
     def end_index(self) -> int:
@@ -251,6 +266,7 @@ class TextDelta:
     usage: Usage | None = None
     error: str = ""
     logprobs: tuple[float, ...] = ()
+    top_logprobs: TopLogprobs = ()  # one entry per token, alternatives with their text
     # (tokens, characters) of each engine chunk this delta joins, in order; empty: one piece.
     # They let a reader that resumes inside a delta cut its text where its tokens start.
     pieces: tuple[tuple[int, int], ...] = ()
@@ -279,6 +295,7 @@ class TextDelta:
             token_ids=self.token_ids[cut:],
             token_index=self.token_index + cut,
             logprobs=self.logprobs[cut:],
+            top_logprobs=self.top_logprobs[cut:],
             pieces=tuple(kept),
         )
 
@@ -294,5 +311,6 @@ def merge_text_deltas(deltas: Sequence[TextDelta]) -> TextDelta:
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         token_index=deltas[0].token_index,
         logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+        top_logprobs=tuple(top for d in deltas for top in d.top_logprobs),
         pieces=tuple(size for d in deltas for size in d.piece_sizes()),
     )

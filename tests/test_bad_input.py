@@ -107,6 +107,12 @@ def test_extreme_valid_values_are_served(
     if "logprobs" in values:
         assert len(response.logprobs) == len(response.token_ids)
         assert all(math.isfinite(lp) and lp <= 0 for lp in response.logprobs)
+        wanted = values["logprobs"]
+        assert [len(top.alternatives) for top in response.top_logprobs] == (
+            [wanted] * len(response.token_ids) if wanted else []
+        )
+        for top in response.top_logprobs:  # extreme penalties and temperatures do not reach them
+            assert all(math.isfinite(a.logprob) and a.logprob <= 0 for a in top.alternatives)
 
 
 @FEW

@@ -95,6 +95,23 @@ def test_greedy_streams_equal_our_engine_on_the_demo_model(
     assert streams == offline_native(demo_model_dir, prompt_ids, 40)
 
 
+def test_top_logprobs_reach_the_client_as_our_engine_ranks_them(
+    client: TokenlineClient, demo_model_dir: Path
+) -> None:
+    asked = request("12+35=", max_tokens=6)
+    asked.sampling.logprobs = 3
+    served = client.generate(asked)
+    prompt_ids = list(client.tokenize(pb.TokenizeRequest(text="12+35=")).token_ids)
+    engine = Engine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    ours = engine.generate([prompt_ids], params)[0]
+    assert list(served.token_ids) == ours.token_ids
+    assert len(served.top_logprobs) == len(ours.logprobs) == 6
+    for top, entry in zip(served.top_logprobs, ours.logprobs, strict=True):
+        assert [a.token_id for a in top.alternatives] == [token_id for token_id, _ in entry.top]
+        assert [a.logprob for a in top.alternatives] == pytest.approx([lp for _, lp in entry.top], abs=1e-3)
+
+
 def test_seeded_sampling_is_reproducible(client: TokenlineClient) -> None:
     """Same seed, same tokens, whichever replica runs it (no fault in between)."""
     seeded = pb.GenerateRequest(text="Count: 3 4 5")

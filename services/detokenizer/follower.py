@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from services.detokenizer.incremental import IncrementalDetokenizer
 from services.detokenizer.stop import StopStringMatcher
+from services.detokenizer.token_texts import TokenTexts
 from services.messages import FinishReason, StreamRequest, TextDelta, TokenChunk, Usage, merge_text_deltas
 from services.tokenizer.tokenizer import PromptTokenizer
 
@@ -20,9 +21,17 @@ from services.tokenizer.tokenizer import PromptTokenizer
 class RequestText:
     """The text side of one request: turns its token chunks into at most one delta per read."""
 
-    def __init__(self, tokenizer: PromptTokenizer, request: StreamRequest, from_token: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        request: StreamRequest,
+        from_token: int = 0,
+        token_texts: TokenTexts | None = None,
+    ) -> None:
+        """``token_texts``: the tokenizer's shared cache of single-token texts (for the top
+        alternatives of logprobs); None makes one of this request's own."""
         self.request = request
-        self._follower = _TextFollower(tokenizer, request.stop)
+        self._follower = _TextFollower(tokenizer, request.stop, token_texts or TokenTexts(tokenizer))
         self._from_token = from_token
         self.finished = False
 
@@ -52,9 +61,10 @@ class RequestText:
 class _TextFollower:
     """Incremental detokenization plus stop strings over the chunks of one request."""
 
-    def __init__(self, tokenizer: PromptTokenizer, stops: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: PromptTokenizer, stops: tuple[str, ...], token_texts: TokenTexts) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopStringMatcher(stops) if stops else None
+        self._token_texts = token_texts
 
     def push(self, chunk: TokenChunk) -> TextDelta:
         text = self._detokenizer.push(chunk.token_ids)
@@ -78,6 +88,7 @@ class _TextFollower:
             usage=chunk.usage,
             error=chunk.error,
             logprobs=chunk.logprobs,
+            top_logprobs=self._token_texts.name_alternatives(chunk.top_logprobs),
         )
 
 
@@ -94,5 +105,6 @@ def _split(chunk: TokenChunk, from_token: int) -> tuple[TokenChunk | None, Token
         start_index=chunk.start_index + cut,
         token_ids=chunk.token_ids[cut:],
         logprobs=chunk.logprobs[cut:],
+        top_logprobs=chunk.top_logprobs[cut:],
     )
     return seen, rest

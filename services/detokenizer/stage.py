@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.detokenizer.follower import RequestText
+from services.detokenizer.token_texts import TokenTexts
 from services.messages import FinishReason, TextDelta, TokenChunk
 from services.queue.detokenizer_queue import Assignment, DetokenizerQueue
 from services.queue.output_stream import OutputCursor, advance
@@ -47,6 +48,7 @@ class DetokenizerStage:
         lease_s: float,
     ) -> None:
         self._tokenizers = tokenizers
+        self._token_texts = {model: TokenTexts(tokenizer) for model, tokenizer in tokenizers.items()}
         self._queue = queue
         self.consumer = consumer
         self._renew_every_s = lease_s / 3
@@ -129,7 +131,9 @@ class DetokenizerStage:
                 continue
             if request.request_id in self._owned:
                 continue
-            text = RequestText(tokenizer, request, from_token=assignment.next_text_index)
+            text = RequestText(
+                tokenizer, request, assignment.next_text_index, self._token_texts[request.model]
+            )
             self._owned[request.request_id] = _Owned(
                 assignment.entry_id, text, OutputCursor(request.request_id)
             )

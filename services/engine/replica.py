@@ -38,7 +38,7 @@ from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
 from services.engine.outputs import RequestOutput
 from services.errors import InvalidParameterError, QueueUnavailableError
-from services.messages import FinishReason, TokenChunk, Usage
+from services.messages import FinishReason, TokenChunk, TopLogprob, TopLogprobs, Usage
 from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
 from services.queue.outage import Backoff
 from services.queue.step_writer import OutputWriter
@@ -282,6 +282,7 @@ class EngineReplica:
             finish_reason=out.finish_reason,
             usage=usage,
             logprobs=tuple(entry.logprob for entry in out.logprobs),
+            top_logprobs=_top_logprobs(out),
         )
 
     def _admit_all(self, claimed: list[ClaimedRequest]) -> None:
@@ -353,3 +354,12 @@ class EngineReplica:
             logger.warning("lease lost; dropping request", extra={"request_id": request_id})
             self.engine.abort(request_id)
             self._held.pop(request_id, None)
+
+
+def _top_logprobs(out: RequestOutput) -> TopLogprobs:
+    """The engine's top alternatives of each new token, as the token chunk carries them."""
+    if not any(entry.top for entry in out.logprobs):
+        return ()  # logprobs unset or 0: nothing extra on the wire
+    return tuple(
+        tuple(TopLogprob(token_id, logprob) for token_id, logprob in entry.top) for entry in out.logprobs
+    )

@@ -24,6 +24,11 @@ How the replica's promises map onto vLLM:
   and not correlated with the draws that made the prefix, but the tokens after the
   resume point differ from a run without a fault. vLLM's seeded tokens also differ
   from our engine's for the same seed (different sampler). Documented limit.
+* Logprobs: vLLM returns, per token, the sampled token's and the ``logprobs`` best
+  tokens' log-probabilities (its default ``logprobs_mode`` is ``raw_logprobs``: before
+  temperature and penalties, as our sampler's); they become the same entries as our
+  engine's, so top-N alternatives reach the client alike. vLLM's ``max_logprobs``
+  default (20) is our ``MAX_LOGPROBS``.
 * Presence and frequency penalties count only the tokens vLLM generated itself, so
   after a resume the prefix no longer counts towards them (repetition penalty sees
   prompt + output and is unaffected).
@@ -312,7 +317,7 @@ def _logprobs(token_ids: tuple[int, ...], entries: Any, top_n: int) -> tuple[Tok
         ranked = sorted(
             (item for item in by_id.items() if item[1].rank is not None and item[1].rank <= top_n),
             key=lambda item: item[1].rank,
-        )
+        )[:top_n]  # a sampled token tied with the N-th best can carry a rank <= N as well
         top = tuple((int(tid), float(lp.logprob)) for tid, lp in ranked)
         result.append(TokenLogprob(token_id, float(by_id[token_id].logprob), top))
     return tuple(result)

@@ -13,7 +13,15 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from services.errors import InvalidParameterError
-from services.messages import MAX_PRIORITY, MIN_PRIORITY, FinishReason, SamplingParams, TextDelta, Usage
+from services.messages import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    FinishReason,
+    SamplingParams,
+    TextDelta,
+    TopLogprobs,
+    Usage,
+)
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.tokenizer.prompt import ChatMessage, ChatPrompt, Prompt, TextPrompt, TokenIdsPrompt
 
@@ -135,7 +143,19 @@ def stream_response(delta: TextDelta) -> pb.GenerateStreamResponse:
         matched_stop=delta.matched_stop,
         usage=usage_proto(delta.usage),
         logprobs=delta.logprobs,
+        top_logprobs=top_logprobs_proto(delta.top_logprobs),
     )
+
+
+def top_logprobs_proto(top_logprobs: TopLogprobs) -> list[pb.TopLogprobs]:
+    return [
+        pb.TopLogprobs(
+            alternatives=[
+                pb.TokenAlternative(token_id=a.token_id, logprob=a.logprob, text=a.text) for a in alternatives
+            ]
+        )
+        for alternatives in top_logprobs
+    ]
 
 
 def usage_proto(usage: Usage | None) -> pb.Usage | None:

@@ -114,11 +114,13 @@ class IngressService:
         text: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
+        top_logprobs: list[pb.TopLogprobs] = []
         last = TextDelta(request_id="")
         async for delta in self._generate(request, grpc_context):
             text.append(delta.text)
             token_ids.extend(delta.token_ids)
             logprobs.extend(delta.logprobs)
+            top_logprobs.extend(convert.top_logprobs_proto(delta.top_logprobs))
             last = delta
         return pb.GenerateResponse(
             request_id=last.request_id,
@@ -128,6 +130,7 @@ class IngressService:
             matched_stop=last.matched_stop,
             usage=convert.usage_proto(last.usage),
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
 
     async def GenerateStream(

@@ -15,6 +15,7 @@ from typing import Any
 
 from services.errors import InvalidParameterError
 from services.messages import FinishReason, GenerationRequest, StreamRequest, TextDelta, TokenChunk, Usage
+from services.queue.logprob_fields import decode_top_logprobs, encode_top_logprobs
 
 CODEC_VERSION = b"1"
 MAX_TOKEN_ID = 2**32 - 1
@@ -32,6 +33,7 @@ FINISH_REASON = "f"
 USAGE = "u"
 ERROR = "e"
 LOGPROBS = "l"
+# Top alternatives of each token: see logprob_fields.py (n, a, b; and c in text entries).
 # Text entry fields (besides the chunk fields above, which keep their meaning).
 TEXT = "x"
 MATCHED_STOP = "m"
@@ -101,6 +103,7 @@ def encode_chunk(chunk: TokenChunk) -> Fields:
         fields[ERROR] = chunk.error.encode()
     if chunk.logprobs:
         fields[LOGPROBS] = struct.pack(f"<{len(chunk.logprobs)}f", *chunk.logprobs)
+    fields.update(encode_top_logprobs(chunk.top_logprobs, with_text=False))
     return fields
 
 
@@ -117,6 +120,7 @@ def decode_chunk(request_id: str, fields: RawFields) -> TokenChunk:
             usage=Usage(*(int(part) for part in usage.split(b","))) if usage else None,
             error=fields.get(ERROR.encode(), b"").decode(errors="replace"),
             logprobs=struct.unpack(f"<{len(logprobs) // 4}f", logprobs),
+            top_logprobs=decode_top_logprobs(fields),
         )
     except InvalidParameterError:
         raise
@@ -136,6 +140,7 @@ def encode_text_delta(delta: TextDelta) -> Fields:
         delta.logprobs,
     )
     fields = encode_chunk(chunk)
+    fields.update(encode_top_logprobs(delta.top_logprobs, with_text=True))
     if delta.text:
         fields[TEXT] = delta.text.encode()
     if delta.matched_stop:
@@ -163,6 +168,7 @@ def decode_text_delta(request_id: str, fields: RawFields) -> TextDelta:
         usage=chunk.usage,
         error=chunk.error,
         logprobs=chunk.logprobs,
+        top_logprobs=chunk.top_logprobs,
         pieces=tuple(zip(flat[::2], flat[1::2], strict=True)),
     )
 

@@ -83,5 +83,14 @@ def _unseen_part(chunk: TokenChunk, next_index: int) -> TokenChunk | None:
         return None
     if overlap == 0:
         return chunk
-    logprobs = chunk.logprobs[overlap:] if len(chunk.logprobs) == len(chunk.token_ids) else chunk.logprobs
-    return replace(chunk, start_index=next_index, token_ids=chunk.token_ids[overlap:], logprobs=logprobs)
+    # Per-token lists are cut with the ids; one that does not match them (a damaged entry) is kept.
+    size = len(chunk.token_ids)
+    logprobs = chunk.logprobs[overlap:] if len(chunk.logprobs) == size else chunk.logprobs
+    top = chunk.top_logprobs[overlap:] if len(chunk.top_logprobs) == size else chunk.top_logprobs
+    return replace(
+        chunk,
+        start_index=next_index,
+        token_ids=chunk.token_ids[overlap:],
+        logprobs=logprobs,
+        top_logprobs=top,
+    )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtokenline/v1/generation.proto\x12\x0ctokenline.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenline.v1.ChatMessage\"\xec\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.tokenline.v1.TokenIdsH\x00\x12\"\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x12.tokenline.v1.ChatH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.tokenline.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenline.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenline.v1.Usage\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"\xe1\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x13\n\x0btoken_index\x18\x04 \x01(\r\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.tokenline.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.tokenline.v1.Usage\x12\x10\n\x08logprobs\x18\x08 \x03(\x02\"\x96\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.tokenline.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"2\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xdf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x12\n\nvariant_of\x18\x05 \x01(\t\x12\x0e\n\x06recipe\x18\x06 \x01(\t\x12/\n\x04gate\x18\x07 \x03(\x0b\x32!.tokenline.v1.ModelInfo.GateEntry\x1a+\n\tGateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenline.v1.ModelInfo\"7\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nfrom_token\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe0\x03\n\nGeneration\x12I\n\x08Generate\x12\x1d.tokenline.v1.GenerateRequest\x1a\x1e.tokenline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.tokenline.v1.GenerateRequest\x1a$.tokenline.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.tokenline.v1.TokenizeRequest\x1a\x1e.tokenline.v1.TokenizeResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenline.v1.CancelRequest\x1a\x1c.tokenline.v1.CancelResponse\x12O\n\nListModels\x12\x1f.tokenline.v1.ListModelsRequest\x1a .tokenline.v1.ListModelsResponse\x12M\n\x06Resume\x12\x1b.tokenline.v1.ResumeRequest\x1a$.tokenline.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtokenline/v1/generation.proto\x12\x0ctokenline.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenline.v1.ChatMessage\"\xec\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"C\n\x10TokenAlternative\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"C\n\x0bTopLogprobs\x12\x34\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x1e.tokenline.v1.TokenAlternative\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.tokenline.v1.TokenIdsH\x00\x12\"\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x12.tokenline.v1.ChatH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.tokenline.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenline.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenline.v1.Usage\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\x12/\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x19.tokenline.v1.TopLogprobs\"\x92\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x13\n\x0btoken_index\x18\x04 \x01(\r\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.tokenline.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.tokenline.v1.Usage\x12\x10\n\x08logprobs\x18\x08 \x03(\x02\x12/\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x19.tokenline.v1.TopLogprobs\"\x96\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.tokenline.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"2\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xdf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x12\n\nvariant_of\x18\x05 \x01(\t\x12\x0e\n\x06recipe\x18\x06 \x01(\t\x12/\n\x04gate\x18\x07 \x03(\x0b\x32!.tokenline.v1.ModelInfo.GateEntry\x1a+\n\tGateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenline.v1.ModelInfo\"7\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nfrom_token\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe0\x03\n\nGeneration\x12I\n\x08Generate\x12\x1d.tokenline.v1.GenerateRequest\x1a\x1e.tokenline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.tokenline.v1.GenerateRequest\x1a$.tokenline.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.tokenline.v1.TokenizeRequest\x1a\x1e.tokenline.v1.TokenizeResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenline.v1.CancelRequest\x1a\x1c.tokenline.v1.CancelResponse\x12O\n\nListModels\x12\x1f.tokenline.v1.ListModelsRequest\x1a .tokenline.v1.ListModelsResponse\x12M\n\x06Resume\x12\x1b.tokenline.v1.ResumeRequest\x1a$.tokenline.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_GATEENTRY']._loaded_options = None
   _globals['_MODELINFO_GATEENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2064
-  _globals['_FINISHREASON']._serialized_end=2184
+  _globals['_FINISHREASON']._serialized_start=2300
+  _globals['_FINISHREASON']._serialized_end=2420
   _globals['_TOKENIDS']._serialized_start=47
   _globals['_TOKENIDS']._serialized_end=70
   _globals['_CHATMESSAGE']._serialized_start=72
@@ -45,30 +45,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=664
   _globals['_USAGE']._serialized_start=666
   _globals['_USAGE']._serialized_end=746
-  _globals['_GENERATEREQUEST']._serialized_start=749
-  _globals['_GENERATEREQUEST']._serialized_end=974
-  _globals['_GENERATERESPONSE']._serialized_start=977
-  _globals['_GENERATERESPONSE']._serialized_end=1175
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1178
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1403
-  _globals['_TOKENIZEREQUEST']._serialized_start=1406
-  _globals['_TOKENIZEREQUEST']._serialized_end=1556
-  _globals['_TOKENIZERESPONSE']._serialized_start=1558
-  _globals['_TOKENIZERESPONSE']._serialized_end=1610
-  _globals['_CANCELREQUEST']._serialized_start=1612
-  _globals['_CANCELREQUEST']._serialized_end=1662
-  _globals['_CANCELRESPONSE']._serialized_start=1664
-  _globals['_CANCELRESPONSE']._serialized_end=1695
-  _globals['_LISTMODELSREQUEST']._serialized_start=1697
-  _globals['_LISTMODELSREQUEST']._serialized_end=1716
-  _globals['_MODELINFO']._serialized_start=1719
-  _globals['_MODELINFO']._serialized_end=1942
-  _globals['_MODELINFO_GATEENTRY']._serialized_start=1899
-  _globals['_MODELINFO_GATEENTRY']._serialized_end=1942
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1944
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2005
-  _globals['_RESUMEREQUEST']._serialized_start=2007
-  _globals['_RESUMEREQUEST']._serialized_end=2062
-  _globals['_GENERATION']._serialized_start=2187
-  _globals['_GENERATION']._serialized_end=2667
+  _globals['_TOKENALTERNATIVE']._serialized_start=748
+  _globals['_TOKENALTERNATIVE']._serialized_end=815
+  _globals['_TOPLOGPROBS']._serialized_start=817
+  _globals['_TOPLOGPROBS']._serialized_end=884
+  _globals['_GENERATEREQUEST']._serialized_start=887
+  _globals['_GENERATEREQUEST']._serialized_end=1112
+  _globals['_GENERATERESPONSE']._serialized_start=1115
+  _globals['_GENERATERESPONSE']._serialized_end=1362
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1365
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1639
+  _globals['_TOKENIZEREQUEST']._serialized_start=1642
+  _globals['_TOKENIZEREQUEST']._serialized_end=1792
+  _globals['_TOKENIZERESPONSE']._serialized_start=1794
+  _globals['_TOKENIZERESPONSE']._serialized_end=1846
+  _globals['_CANCELREQUEST']._serialized_start=1848
+  _globals['_CANCELREQUEST']._serialized_end=1898
+  _globals['_CANCELRESPONSE']._serialized_start=1900
+  _globals['_CANCELRESPONSE']._serialized_end=1931
+  _globals['_LISTMODELSREQUEST']._serialized_start=1933
+  _globals['_LISTMODELSREQUEST']._serialized_end=1952
+  _globals['_MODELINFO']._serialized_start=1955
+  _globals['_MODELINFO']._serialized_end=2178
+  _globals['_MODELINFO_GATEENTRY']._serialized_start=2135
+  _globals['_MODELINFO_GATEENTRY']._serialized_end=2178
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2180
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2241
+  _globals['_RESUMEREQUEST']._serialized_start=2243
+  _globals['_RESUMEREQUEST']._serialized_end=2298
+  _globals['_GENERATION']._serialized_start=2423
+  _globals['_GENERATION']._serialized_end=2903
 # @@protoc_insertion_point(module_scope)
