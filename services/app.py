@@ -16,6 +16,7 @@ from ray.serve.deployment import Deployment
 
 from services.config import AppConfig, ModelConfig
 from services.detokenizer.service import DetokenizerService
+from services.engine.autoscaling import engine_replica_options
 from services.engine.replica import EngineReplica
 from services.ingress.servicer import IngressService
 from services.queue.registry import add_published_variants
@@ -75,7 +76,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         model.name: _deployment(
             EngineReplica,
             name=f"engine-{model.name}",
-            num_replicas=model.engine_replicas,
+            **engine_replica_options(model),  # fixed engine_replicas, or scaled on the queue
             max_replicas_per_node=model.engine_max_replicas_per_node,
             ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
             health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
