@@ -27,6 +27,9 @@ ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
 # Beyond the drain: stopping the loop and handing the rest back to the queue.
 ENGINE_STOP_MARGIN_S = 15.0
+# Serve calls a stopping engine's __del__ (its own drain) once no Serve call is in flight; those
+# are control calls of milliseconds, so look often rather than Serve's default of every 2 s.
+ENGINE_CONTROL_CALLS_POLL_S = 0.1
 # Stopping a detokenizer replica only ends its loop and hands its requests to another one.
 DETOKENIZER_STOP_S = 15.0
 # A long-lived stream occupies one slot of the ingress for its whole life.
@@ -84,6 +87,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             # Work reaches engines through Redis, not through Serve; only control calls come this way.
             max_ongoing_requests=8,
             graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
+            graceful_shutdown_wait_loop_s=ENGINE_CONTROL_CALLS_POLL_S,
         ).bind(
             model.name,
             model.engine.engine_config(paths[model.name]),
