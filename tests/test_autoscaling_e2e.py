@@ -203,7 +203,10 @@ def test_idle_engines_scale_back_down_to_one_after_the_downscale_delay(
     wanted_fewer, idle = ends[-int(SCALING.target_per_replica) - 1], ends[-1]
     stopping = timeline.first(lambda counts: counts.get("RUNNING", 0) < 2)
     gone = timeline.first(one_left)
-    print(f"\nidle -> replica stopping {stopping - idle:.2f} s, stopped {gone - idle:.2f} s")
+    print(
+        f"\nload <= target -> replica stopping {stopping - wanted_fewer:.2f} s; "
+        f"last stream ended -> stopping {stopping - idle:.2f} s, stopped {gone - idle:.2f} s"
+    )
     # A client sees a stream end a moment after the engine acknowledged it: half a second of that.
     assert stopping - wanted_fewer >= SCALING.downscale_delay_s - 0.5
     assert stopping - idle <= SCALING.downscale_delay_s + REPORT_SLACK_S
