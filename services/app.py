@@ -17,6 +17,7 @@ from ray.serve.deployment import Deployment
 
 from services.config import AppConfig, ModelConfig
 from services.detokenizer.service import DetokenizerService
+from services.engine.autoscaling import engine_replica_options
 from services.engine.replica import EngineReplica
 from services.ingress.servicer import IngressService
 from services.queue.registry import add_published_variants
@@ -31,6 +32,9 @@ ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 10.0
 # Beyond the drain: stopping the loop and handing the rest back to the queue.
 ENGINE_STOP_MARGIN_S = 15.0
+# Serve calls a stopping engine's __del__ (its own drain) once no Serve call is in flight; those
+# are control calls of milliseconds, so look often rather than Serve's default of every 2 s.
+ENGINE_CONTROL_CALLS_POLL_S = 0.1
 # Stopping a detokenizer replica only ends its loop and hands its requests to another one.
 DETOKENIZER_STOP_S = 15.0
 # A long-lived stream occupies one slot of the ingress for its whole life.
@@ -80,7 +84,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         model.name: _deployment(
             EngineReplica,
             name=f"engine-{model.name}",
-            num_replicas=model.engine_replicas,
+            **engine_replica_options(model),  # fixed engine_replicas, or scaled on the queue
             max_replicas_per_node=model.engine_max_replicas_per_node,
             ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
             health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
@@ -88,6 +92,7 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
             # Work reaches engines through Redis, not through Serve; only control calls come this way.
             max_ongoing_requests=8,
             graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
+            graceful_shutdown_wait_loop_s=ENGINE_CONTROL_CALLS_POLL_S,
         ).bind(
             model.name,
             model.engine.engine_config(paths[model.name]),

@@ -84,6 +84,51 @@ class VariantInfo(BaseModel):
     checksum: str = Field(description="Artifact checksum the registry holds; verified before serving.")
 
 
+class EngineAutoscaling(BaseModel):
+    """Engine replicas that follow the work waiting for them. Engines pull from Redis, so Ray
+    Serve's own signal (requests routed through it) says nothing about their load: each replica
+    reports the model's unfinished requests (waiting in any priority band, or running), and
+    ``services.engine.autoscaling`` asks for ceil(unfinished / target_per_replica) replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=False, description="Scale engine replicas on the queue; off: engine_replicas, fixed."
+    )
+    min_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Fewest engine replicas; at least one, because running replicas report the queue.",
+    )
+    max_replicas: int = Field(default=4, ge=1, description="Most engine replicas.")
+    target_per_replica: float = Field(
+        default=32.0,
+        gt=0.0,
+        description="Unfinished requests (waiting + running) per replica to aim for; about "
+        "engine.max_num_seqs means: scale up once the queue holds more than the replicas can run.",
+    )
+    upscale_delay_s: float = Field(
+        default=10.0, ge=0.0, description="How long more replicas must be wanted before one is added."
+    )
+    downscale_delay_s: float = Field(
+        default=120.0, ge=0.0, description="How long fewer replicas must be wanted before one is stopped."
+    )
+    metrics_interval_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="How often each replica samples the queue and reports it to Serve's controller; "
+        "a burst is seen within about two of these.",
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> EngineAutoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise InvalidParameterError(
+                "max_replicas", self.max_replicas, f"must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """One served model."""
 
@@ -96,7 +141,10 @@ class ModelConfig(BaseModel):
         description="The name clients send in GenerateRequest.model; MODEL@RECIPE for a quantized variant.",
     )
     path: str | None = Field(default=None, description="Checkpoint directory; None: the built-in demo model.")
-    engine_replicas: int = Field(default=1, ge=1, description="Engine replicas pulling this model's queue.")
+    engine_replicas: int = Field(
+        default=1, ge=1, description="Engine replicas pulling this model's queue (when not autoscaled)."
+    )
+    engine_autoscaling: EngineAutoscaling = Field(default_factory=EngineAutoscaling)
     engine_num_cpus: float = Field(
         default=0.0, ge=0.0, description="CPUs each engine replica reserves in Ray."
     )
@@ -125,6 +173,12 @@ class ModelConfig(BaseModel):
     variant: VariantInfo | None = Field(
         default=None, description="Set for a published quantized variant (filled from the registry)."
     )
+
+    @property
+    def most_engine_replicas(self) -> int:
+        """Engine replicas this model may run at once: what the cluster must have room for."""
+        scaling = self.engine_autoscaling
+        return scaling.max_replicas if scaling.enabled else self.engine_replicas
 
 
 class AuthConfig(BaseModel):

@@ -25,7 +25,7 @@ import pytest
 import redis
 import yaml
 
-from services.config import AppConfig
+from services.config import AppConfig, EngineAutoscaling
 from services.queue.redis_server import find_redis_server
 from services.server import RAY_GRPC_MAX_MESSAGE_ENV
 
@@ -403,7 +403,7 @@ def test_chart_serve_args_validate_as_app_config_and_build() -> None:
     assert set(values["serve"]["frontend"]) == set(FRONTEND_DEPLOYMENTS)
     deployments = built_deployments(args, "services.app:build_app")
     assert set(FRONTEND_DEPLOYMENTS) <= set(deployments)
-    gpus_needed = sum(m.engine_replicas * m.engine_num_gpus for m in config.models)
+    gpus_needed = sum(m.most_engine_replicas * m.engine_num_gpus for m in config.models)
     gpus_there = values["gpuWorkers"]["replicas"] * values["gpuWorkers"]["gpusPerPod"]
     assert gpus_there >= gpus_needed, "the GPU worker group cannot hold every engine replica"
 
@@ -436,9 +436,22 @@ def test_chart_gpu_values_validate_and_fit_the_gpu_group() -> None:
     }
     config = AppConfig.model_validate(args)
     assert all(m.engine.device.startswith("cuda") and m.engine_num_gpus >= 1 for m in config.models)
-    gpus_needed = sum(m.engine_replicas * m.engine_num_gpus for m in config.models)
+    gpus_needed = sum(m.most_engine_replicas * m.engine_num_gpus for m in config.models)
     assert values["gpuWorkers"]["replicas"] * values["gpuWorkers"]["gpusPerPod"] >= gpus_needed
     built_deployments(args, "services.app:build_app")
+
+
+def test_configs_list_every_engine_autoscaling_knob_with_its_default() -> None:
+    """The Serve config and the chart document engine autoscaling by listing its knobs: they
+    stay in step with EngineAutoscaling (services/config.py), off by default."""
+    defaults = EngineAutoscaling().model_dump()
+    assert defaults["enabled"] is False
+    for source, models in (
+        ("cluster/serve-config.yaml", serve_application()["args"]["models"]),
+        ("helm values.yaml", chart_values()["serve"]["app"]["models"]),
+    ):
+        for model in models:
+            assert model["engine_autoscaling"] == defaults, f"{source}: model {model['name']}"
 
 
 def test_serve_config_defaults_are_the_tested_cpu_path() -> None:

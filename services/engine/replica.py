@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.autoscaling import queue_load_stats
 from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
 from services.engine.outputs import RequestOutput
@@ -124,6 +125,11 @@ class EngineReplica:
             steps=self.engine.stats.steps,
             seconds_since_progress=time.monotonic() - self._last_progress,
         )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this every metrics interval when the deployment autoscales: the queue
+        load that ``services.engine.autoscaling.QueueLoadPolicy`` scales on."""
+        return queue_load_stats(self.queue, self.model_name, held=len(self._held))
 
     def pause_loop(self) -> None:
         """Freeze the loop while the process stays alive: how tests produce a stuck engine."""

@@ -223,6 +223,12 @@ class EngineQueue(RedisOwner):
         return bool(released)
 
     @guard
+    def unfinished(self, model: str) -> int:
+        """Accepted requests of the model not yet finished, waiting in any priority band or held
+        by an engine (live, stopping or dead): the admission count, one O(1) read."""
+        return int(self._redis.hlen(self._keys.for_model(model).active))
+
+    @guard
     def read_output_tokens(self, request_id: str) -> tuple[list[int], bool]:
         """Tokens already in a request's output stream (overlaps collapsed) and whether it ended,
         so that an engine that reclaimed the request resumes instead of starting over."""
