@@ -13,16 +13,21 @@ certificate is configured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_reflection.v1alpha import reflection
+from ray import serve
+from ray.serve.schema import ApplicationStatus
 
 from services.edge_config import GrpcServerSettings, TlsConfig
 from services.errors import InvalidParameterError
+from services.ingress.handover import wait_for_another_listener
 from services.ingress.registration import HEALTH_SERVICE, SERVICE_NAME, generation_handlers, health_handlers
 from services.ingress.status import RpcError
 
@@ -31,7 +36,8 @@ logger = logging.getLogger(__name__)
 OVERALL = ""
 # Serve kills a stopping replica drain_s after asking it to stop; the server's own stop and
 # the reader's close need this much of it.
-STOP_MARGIN_S = 2.0  # the health service's name for the server as a whole
+STOP_MARGIN_S = 2.0
+STATUS_TIMEOUT_S = 5.0  # the health service's name for the server as a whole
 _Unary = Callable[[bytes, Any], Awaitable[Any]]
 _Streaming = Callable[[bytes, Any], AsyncIterator[Any]]
 
@@ -81,6 +87,18 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     )
 
 
+async def application_stays() -> bool:
+    """Whether another ingress replica will follow this stopping one: not when Serve is
+    deleting the application (or cannot say within a few seconds)."""
+    try:
+        name = serve.get_replica_context().app_name
+        status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
+        return bool(status.applications[name].status != ApplicationStatus.DELETING)
+    except Exception:
+        logger.warning("no application status; stopping without a handover", exc_info=True)
+        return False
+
+
 class IngressGrpcServer:
     """One replica's listener: Generation + Health + reflection on the shared port; ``servicer``
     has the methods of both services (``IngressService``)."""
@@ -121,7 +139,13 @@ class IngressGrpcServer:
             "ingress gRPC server listening", extra={"port": self.port, "tls": self._settings.tls is not None}
         )
 
-    async def stop(self) -> None:
-        """Refuse new calls, give open streams the drain time to finish, then cancel the rest;
-        their clients Resume. (The caller says NOT_SERVING on the health service first.)"""
-        await self._server.stop(max(0.0, self._settings.drain_s - STOP_MARGIN_S))
+    async def stop(self, hand_over: bool) -> None:
+        """Refuse new calls, give open streams the rest of the drain time to finish, then
+        cancel what is left; those clients Resume. With ``hand_over`` it first keeps accepting
+        until another replica listens on the port (at most half the drain time), so that a
+        rolling update refuses no connection. (The caller says NOT_SERVING first.)"""
+        started = time.monotonic()
+        if hand_over:
+            await wait_for_another_listener(self.port, self._settings.drain_s / 2)
+        remaining = self._settings.drain_s - STOP_MARGIN_S - (time.monotonic() - started)
+        await self._server.stop(max(0.0, remaining))

@@ -30,7 +30,7 @@ from services.errors import ModelNotFoundError, QueueUnavailableError, RequestNo
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
-from services.ingress.grpc_server import IngressGrpcServer
+from services.ingress.grpc_server import IngressGrpcServer, application_stays
 from services.ingress.health import IngressHealth
 from services.ingress.ratelimit import RateLimiter
 from services.ingress.status import CallContext, RpcError, abort, rpc_error_for
@@ -105,7 +105,7 @@ class IngressService:
         """Serve's graceful stop: our streams are not Serve requests, so the drain happens here."""
         self._health.set_serving(False)
         if self._server is not None:
-            await self._server.stop()
+            await self._server.stop(hand_over=await application_stays())
         await self._texts.aclose()
 
     # ---- RPCs -----------------------------------------------------------------------------
