@@ -43,10 +43,14 @@ def own_socket_inodes() -> set[int]:
     inodes: set[int] = set()
     fd_dir = Path(f"/proc/{os.getpid()}/fd")
     try:
-        links = [os.readlink(fd_dir / name) for name in os.listdir(fd_dir)]
+        names = os.listdir(fd_dir)
     except OSError:
         return inodes
-    for link in links:
+    for name in names:
+        try:
+            link = os.readlink(fd_dir / name)
+        except OSError:
+            continue  # closed since the listing
         if link.startswith("socket:["):
             inodes.add(int(link[len("socket:[") : -1]))
     return inodes
