@@ -19,7 +19,9 @@ from services.detokenizer.service import DetokenizerService
 from services.engine.replica import EngineReplica
 from services.ingress.servicer import IngressService
 from services.queue.registry import add_published_variants
+from services.queue.served_variants import ServedVariantsSource
 from services.tokenizer.service import TokenizerService
+from services.variant_watcher import VariantWatcher
 
 GRPC_SERVICER_FUNCTION = "services.ingress.registration.add_generation_servicer"
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
@@ -49,6 +51,12 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
     app_config = add_published_variants(app_config)  # `variants: [demo@int8]` in a Serve config
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
     no_cpu = {"num_cpus": 0}
+    live = app_config.live_variants
+    served_variants = (
+        ServedVariantsSource(app_config.redis_url, app_config.queue.key_prefix, live.cache_ttl_s)
+        if live.enabled
+        else None
+    )
     # Stopping stream holders wait for their streams (checked twice a second) before Serve stops them.
     stream_holder = {
         "ray_actor_options": no_cpu,
@@ -59,7 +67,12 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
 
     tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
-    ).bind(paths, app_config.default_model_name, {m.name: m.engine.max_model_len for m in app_config.models})
+    ).bind(
+        paths,
+        app_config.default_model_name,
+        {m.name: m.engine.max_model_len for m in app_config.models},
+        served_variants,
+    )
     # The detokenizer is a stage on the queue: nothing calls it per request, it only needs to run.
     detokenizer = _deployment(
         DetokenizerService,
@@ -70,32 +83,40 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=DETOKENIZER_STOP_S,
-    ).bind(paths, app_config.redis_url, app_config.queue)
-    engines = {
-        model.name: _deployment(
-            EngineReplica,
-            name=f"engine-{model.name}",
-            num_replicas=model.engine_replicas,
-            max_replicas_per_node=model.engine_max_replicas_per_node,
-            ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
-            health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
-            health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
-            # Work reaches engines through Redis, not through Serve; only control calls come this way.
-            max_ongoing_requests=8,
-            graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
-        ).bind(
-            model.name,
-            model.engine.engine_config(paths[model.name]),
-            app_config.redis_url,
-            app_config.queue,
-            model.engine.num_threads,
-            model.engine_stall_after_s,
-            model.engine_drain_s,
-        )
-        for model in app_config.models
-    }
+    ).bind(paths, app_config.redis_url, app_config.queue, served_variants)
+    engines = {m.name: engine_deployment(app_config, m, paths[m.name]) for m in app_config.models}
+    # Variants published while the app runs get engine applications of their own (see VariantWatcher).
+    watcher = (
+        _deployment(VariantWatcher, name="variant-watcher", ray_actor_options=no_cpu).bind(app_config)
+        if live.enabled
+        else None
+    )
     return _deployment(IngressService, name="ingress", **stream_holder).bind(
-        app_config.ingress_config(), app_config.redis_url, tokenizer, detokenizer, engines
+        app_config.ingress_config(), app_config.redis_url, tokenizer, detokenizer, engines, watcher
+    )
+
+
+def engine_deployment(app_config: AppConfig, model: ModelConfig, path: str) -> Application:
+    """The engine replicas of one model, bound: they pull its queue in Redis."""
+    return _deployment(
+        EngineReplica,
+        name=f"engine-{model.name}",
+        num_replicas=model.engine_replicas,
+        max_replicas_per_node=model.engine_max_replicas_per_node,
+        ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
+        health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
+        # Work reaches engines through Redis, not through Serve; only control calls come this way.
+        max_ongoing_requests=8,
+        graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
+    ).bind(
+        model.name,
+        model.engine.engine_config(path),
+        app_config.redis_url,
+        app_config.queue,
+        model.engine.num_threads,
+        model.engine_stall_after_s,
+        model.engine_drain_s,
     )
 
 
