@@ -57,7 +57,7 @@ class ServedModels:
         for name in names:
             if name not in infos:
                 continue  # unpublished between the two reads
-            fields = self._config.variant_fields(name) or live[name].model_info_fields()
+            fields = live[name].model_info_fields() if name in live else self._config.variant_fields(name)
             listed.append((infos[name], fields))
         return listed
 
