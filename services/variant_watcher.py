@@ -116,9 +116,14 @@ class VariantWatcher:
             serve.run(
                 engine_deployment(self._config, model, entry.artifact_dir), name=app_name, route_prefix=None
             )
-        except (TokenlineError, RuntimeError) as error:  # a bad artifact, or replicas that failed to start
-            self._refused[entry.name] = entry.checksum
-            logger.error("variant not served", extra={"variant": entry.name, "error": str(error)})
+        except TokenlineError as error:  # artifacts that do not match the registry
+            self._refuse(entry, error)
+            return
+        except RuntimeError as error:  # replicas that failed to start: do not leave them retrying
+            self._served.unmark(entry.name)  # an older version it replaced goes too
+            self._running.pop(entry.name, None)
+            serve.delete(app_name, _blocking=False)
+            self._refuse(entry, error)
             return
         self._running[entry.name] = entry.checksum
         self._served.mark_served(
@@ -142,6 +147,10 @@ class VariantWatcher:
                 "seconds": round(time.monotonic() - started, 1),
             },
         )
+
+    def _refuse(self, entry: VariantEntry, error: Exception) -> None:
+        self._refused[entry.name] = entry.checksum
+        logger.error("variant not served", extra={"variant": entry.name, "error": str(error)})
 
     def _retire(self, name: str) -> None:
         self._served.unmark(name)  # first: no new requests for engines that are about to stop
