@@ -21,7 +21,9 @@ from services.engine.autoscaling import engine_replica_options
 from services.engine.replica import EngineReplica
 from services.ingress.servicer import IngressService
 from services.queue.registry import add_published_variants
+from services.queue.served_variants import ServedVariantsSource
 from services.tokenizer.service import TokenizerService
+from services.variant_watcher import VariantWatcher
 
 # Ray Serve's gRPC servers (grpc_ingress other than 'replica') register the services with these.
 GRPC_SERVICER_FUNCTIONS = [
@@ -58,6 +60,12 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
     app_config = add_published_variants(app_config)  # `variants: [demo@int8]` in a Serve config
     paths = {model.name: resolve_model_path(model) for model in app_config.models}
     no_cpu = {"num_cpus": 0}
+    live = app_config.live_variants
+    served_variants = (
+        ServedVariantsSource(app_config.redis_url, app_config.queue.key_prefix, live.cache_ttl_s)
+        if live.enabled
+        else None
+    )
     # Stopping stream holders wait for their streams (checked twice a second) before Serve stops them.
     stream_holder = {
         "ray_actor_options": no_cpu,
@@ -68,7 +76,12 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
 
     tokenizer = _deployment(
         TokenizerService, name="tokenizer", ray_actor_options=no_cpu, max_ongoing_requests=STREAMS_PER_REPLICA
-    ).bind(paths, app_config.default_model_name, {m.name: m.engine.max_model_len for m in app_config.models})
+    ).bind(
+        paths,
+        app_config.default_model_name,
+        {m.name: m.engine.max_model_len for m in app_config.models},
+        served_variants,
+    )
     # The detokenizer is a stage on the queue: nothing calls it per request, it only needs to run.
     detokenizer = _deployment(
         DetokenizerService,
@@ -79,38 +92,47 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
         health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=DETOKENIZER_STOP_S,
-    ).bind(paths, app_config.redis_url, app_config.queue)
-    engines = {
-        model.name: _deployment(
-            EngineReplica,
-            name=f"engine-{model.name}",
-            **engine_replica_options(model),  # fixed engine_replicas, or scaled on the queue
-            max_replicas_per_node=model.engine_max_replicas_per_node,
-            ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
-            health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
-            health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
-            # Work reaches engines through Redis, not through Serve; only control calls come this way.
-            max_ongoing_requests=8,
-            graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
-            graceful_shutdown_wait_loop_s=ENGINE_CONTROL_CALLS_POLL_S,
-        ).bind(
-            model.name,
-            model.engine.engine_config(paths[model.name]),
-            app_config.redis_url,
-            app_config.queue,
-            model.engine.num_threads,
-            model.engine_stall_after_s,
-            model.engine_drain_s,
-        )
-        for model in app_config.models
-    }
+    ).bind(paths, app_config.redis_url, app_config.queue, served_variants)
+    engines = {m.name: engine_deployment(app_config, m, paths[m.name]) for m in app_config.models}
+    # Variants published while the app runs get engine applications of their own (see VariantWatcher).
+    watcher = (
+        _deployment(VariantWatcher, name="variant-watcher", ray_actor_options=no_cpu).bind(app_config)
+        if live.enabled
+        else None
+    )
     return _deployment(IngressService, name="ingress", **stream_holder).bind(
         app_config.ingress_config(),
         app_config.redis_url,
         tokenizer,
         detokenizer,
         engines,
+        watcher,
         app_config.grpc_server_settings(),
+    )
+
+
+def engine_deployment(app_config: AppConfig, model: ModelConfig, path: str) -> Application:
+    """The engine replicas of one model, bound: they pull its queue in Redis."""
+    return _deployment(
+        EngineReplica,
+        name=f"engine-{model.name}",
+        **engine_replica_options(model),  # fixed engine_replicas, or scaled on the queue
+        max_replicas_per_node=model.engine_max_replicas_per_node,
+        ray_actor_options={"num_cpus": model.engine_num_cpus, "num_gpus": model.engine_num_gpus},
+        health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
+        # Work reaches engines through Redis, not through Serve; only control calls come this way.
+        max_ongoing_requests=8,
+        graceful_shutdown_timeout_s=model.engine_drain_s + ENGINE_STOP_MARGIN_S,
+        graceful_shutdown_wait_loop_s=ENGINE_CONTROL_CALLS_POLL_S,
+    ).bind(
+        model.name,
+        model.engine.engine_config(path),
+        app_config.redis_url,
+        app_config.queue,
+        model.engine.num_threads,
+        model.engine_stall_after_s,
+        model.engine_drain_s,
     )
 
 

@@ -18,6 +18,7 @@ from services.edge_config import GrpcIngress, GrpcServerSettings, TlsConfig
 from services.engine.config import Backend, EngineConfig
 from services.errors import InvalidParameterError
 from services.queue.config import QueueConfig
+from services.queue.served_variants import LiveVariantsConfig
 
 
 def _engine_default(name: str) -> Any:
@@ -209,6 +210,7 @@ class IngressConfig(BaseModel):
     variants: dict[str, VariantInfo] = Field(
         default_factory=dict, description="Served quantized variants by name, for ListModels."
     )
+    live_variants: LiveVariantsConfig = Field(default_factory=LiveVariantsConfig)
 
     def variant_fields(self, name: str) -> dict[str, object]:
         """ModelInfo fields of a served variant (none for a source model)."""
@@ -277,6 +279,7 @@ class AppConfig(BaseModel):
         description="Published variants (MODEL@RECIPE) to serve next to their source models; "
         "looked up in the registry in Redis when the stack starts.",
     )
+    live_variants: LiveVariantsConfig = Field(default_factory=LiveVariantsConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> AppConfig:
@@ -322,6 +325,7 @@ class AppConfig(BaseModel):
             queue=self.queue,
             auth=self.auth,
             variants={m.name: m.variant for m in self.models if m.variant is not None},
+            live_variants=self.live_variants,
         )
 
     @classmethod

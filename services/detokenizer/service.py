@@ -20,10 +20,12 @@ import uuid
 from collections.abc import Mapping
 
 from services.detokenizer.stage import DetokenizerStage
+from services.detokenizer.tokenizers import ServedTokenizers
 from services.errors import QueueUnavailableError
 from services.queue import QueueConfig
 from services.queue.detokenizer_queue import DetokenizerQueue
 from services.queue.outage import Backoff
+from services.queue.served_variants import ServedVariantsSource
 from services.tokenizer.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,8 +35,15 @@ STALL_AFTER_S = 30.0
 
 
 class DetokenizerService:
-    def __init__(self, model_paths: Mapping[str, str], redis_url: str, queue_config: QueueConfig) -> None:
-        tokenizers = {name: PromptTokenizer(path) for name, path in model_paths.items()}
+    def __init__(
+        self,
+        model_paths: Mapping[str, str],
+        redis_url: str,
+        queue_config: QueueConfig,
+        served_variants: ServedVariantsSource | None = None,
+    ) -> None:
+        own = {name: PromptTokenizer(path) for name, path in model_paths.items()}
+        tokenizers = ServedTokenizers(own, served_variants.sync_view() if served_variants else None)
         self._queue = DetokenizerQueue(redis_url, queue_config)
         self._queue.ensure_group()
         consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

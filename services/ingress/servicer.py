@@ -26,21 +26,23 @@ from grpc_health.v1 import health_pb2
 
 from services.config import IngressConfig
 from services.edge_config import GrpcServerSettings
-from services.errors import ModelNotFoundError, QueueUnavailableError, RequestNotFoundError, TokenlineError
+from services.errors import QueueUnavailableError, RequestNotFoundError, TokenlineError
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
 from services.ingress.grpc_server import IngressGrpcServer, application_stays
 from services.ingress.health import IngressHealth
 from services.ingress.ratelimit import RateLimiter
+from services.ingress.served_models import ServedModels
 from services.ingress.status import CallContext, RpcError, abort, rpc_error_for
 from services.ingress.text_fanout import TextFanout
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
 from services.queue.keys import QueueKeys
+from services.queue.served_variants import LiveVariants
 from services.tokenizer.prompt import Prompt
-from services.tokenizer.service import Encoded, ModelInfo
+from services.tokenizer.service import Encoded
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class IngressService:
         tokenizer: Any,
         detokenizer: Any,
         engines: dict[str, Any],
+        variant_watcher: Any = None,
         server: GrpcServerSettings | None = None,
     ) -> None:
         self._config = config
@@ -82,9 +85,13 @@ class IngressService:
         # The detokenizer and engines are deployed with us; nothing calls them on the request path.
         self._detokenizer = detokenizer
         self._engines = engines
+        self._variant_watcher = variant_watcher
+        live = config.live_variants
+        prefix = config.queue.key_prefix
+        variants = LiveVariants(redis_url, prefix, live.cache_ttl_s) if live.enabled else None
+        self._served = ServedModels(config, variants, tokenizer)
         wake_key = QueueKeys(config.queue.key_prefix).wake(f"ingress-{uuid.uuid4().hex}")
         self._texts = TextFanout(self._queue, wake_key, config.queue.reader_outage_s)
-        self._models: dict[str, ModelInfo] = {}
         self._seeds = random.SystemRandom()
         self._health = IngressHealth()
         # grpc_ingress 'replica': this replica serves the port itself. The port is bound here, so
@@ -160,7 +167,7 @@ class IngressService:
     async def Tokenize(self, raw: bytes, grpc_context: CallContext) -> pb.TokenizeResponse:
         request = _parse(pb.TokenizeRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
-            model = self._model_name(request.model)
+            model = await self._served.resolve(request.model)
             await self._authenticate(grpc_context, model)
             encoded = await self._encode(model, convert.parse_prompt(request))
         return pb.TokenizeResponse(token_ids=encoded, count=len(encoded))
@@ -168,7 +175,7 @@ class IngressService:
     async def Cancel(self, raw: bytes, grpc_context: CallContext) -> pb.CancelResponse:
         request = _parse(pb.CancelRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
-            model = self._model_name(request.model)
+            model = await self._served.resolve(request.model)
             await self._authenticate(grpc_context, model)
             convert.check_request_id(request.request_id)
             found = await self._queue.cancel(model, request.request_id)
@@ -178,7 +185,7 @@ class IngressService:
         _parse(pb.ListModelsRequest, raw, grpc_context)  # no fields, but corrupt bytes are still refused
         with _status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)
-            models = await self._model_infos()
+            models = await self._served.listing()
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -186,9 +193,9 @@ class IngressService:
                     max_context_length=m.max_context_length,
                     vocab_size=m.vocab_size,
                     is_default=m.is_default,
-                    **self._config.variant_fields(m.name),  # type: ignore[arg-type]
+                    **variant_fields,  # type: ignore[arg-type]
                 )
-                for m in models.values()
+                for m, variant_fields in models
                 if tenant.allows(m.name)
             ]
         )
@@ -220,14 +227,14 @@ class IngressService:
         self, request: pb.GenerateRequest, grpc_context: CallContext
     ) -> GenerationRequest:
         parsed = convert.parse_generate(request)
-        model = self._model_name(parsed.model)
+        model = await self._served.resolve(parsed.model)
         tenant = await self._authenticate(grpc_context, model)
         await self._queue.ensure_room(model)  # before tokenizing: refusing must stay cheap under overload
         prompt_ids = await self._encode(model, parsed.prompt)
         params = parsed.params
         if not parsed.max_tokens_set:
-            room = (await self._model_infos())[model].max_context_length - len(prompt_ids)
-            params = params.with_max_tokens(max(1, min(self._default_max_tokens(model), room)))
+            room = (await self._served.info(model)).max_context_length - len(prompt_ids)
+            params = params.with_max_tokens(max(1, min(await self._served.default_max_tokens(model), room)))
         if params.seed is None:
             params = replace(params, seed=self._seeds.randint(0, MAX_SEED))
         await self._limits.admit(tenant, len(prompt_ids) + params.max_tokens)
@@ -294,18 +301,3 @@ class IngressService:
         if encoded.error is not None:
             raise encoded.error
         return list(encoded.token_ids)
-
-    def _model_name(self, requested: str) -> str:
-        name = self._config.model_name(requested)
-        if name is None:
-            raise ModelNotFoundError(requested)
-        return name
-
-    def _default_max_tokens(self, model: str) -> int:
-        return self._config.default_max_tokens[model]
-
-    async def _model_infos(self) -> dict[str, ModelInfo]:
-        if not self._models:
-            infos: list[ModelInfo] = await self._tokenizer.models.remote()
-            self._models = {info.name: info for info in infos}
-        return self._models

@@ -20,7 +20,7 @@ from services.errors import InvalidParameterError
 from services.queue.connection import RedisOwner
 
 if TYPE_CHECKING:
-    from services.config import AppConfig
+    from services.config import AppConfig, ModelConfig
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+$")
 
@@ -89,27 +89,33 @@ class VariantRegistry(RedisOwner):
 def add_published_variants(config: AppConfig) -> AppConfig:
     """``config`` with one model per ``config.variants`` entry, looked up in the registry.
 
-    A variant inherits the engine settings of its source model when that is served
-    too; its artifacts are checked against the registry's checksum here, before any
-    replica starts, so a changed directory fails the start with the variant named.
+    Its artifacts are checked against the registry's checksum here, before any replica
+    starts, so a changed directory fails the start with the variant named.
     """
-    from pathlib import Path
-
-    from services.config import ModelConfig, VariantInfo
-    from services.engine.models.manifest import verify_manifest
-
     if not config.variants:
         return config
     models = list(config.models)
     with VariantRegistry(config.redis_url, config.queue.key_prefix) as registry:
         for name in config.variants:
             check_variant_name(name)
-            entry = registry.require(name)
-            verify_manifest(Path(entry.artifact_dir), expected=entry.checksum)
-            source = next((m for m in config.models if m.name == entry.source_model), ModelConfig())
-            info = VariantInfo(
-                variant_of=entry.source_model, recipe=entry.recipe, gate=entry.gate, checksum=entry.checksum
-            )
-            update = {"name": name, "path": entry.artifact_dir, "variant": info}
-            models.append(source.model_copy(update=update))
+            models.append(variant_model_config(config, registry.require(name)))
     return config.model_validate({**config.model_dump(), "models": models, "variants": ()})
+
+
+def variant_model_config(config: AppConfig, entry: VariantEntry) -> ModelConfig:
+    """The model config that serves a published variant, its artifacts verified first.
+
+    A variant inherits the engine settings of its source model when the app serves that too,
+    and the defaults otherwise.
+    """
+    from pathlib import Path
+
+    from services.config import ModelConfig, VariantInfo
+    from services.engine.models.manifest import verify_manifest
+
+    verify_manifest(Path(entry.artifact_dir), expected=entry.checksum)
+    source = next((m for m in config.models if m.name == entry.source_model), ModelConfig())
+    info = VariantInfo(
+        variant_of=entry.source_model, recipe=entry.recipe, gate=entry.gate, checksum=entry.checksum
+    )
+    return source.model_copy(update={"name": entry.name, "path": entry.artifact_dir, "variant": info})

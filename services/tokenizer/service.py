@@ -2,17 +2,21 @@
 
 Errors come back as values, not exceptions: a typed InvalidParameterError
 survives the trip through Ray intact, and one bad prompt in a batch does not
-fail the others.
+fail the others. A variant published while the app runs is found in the served
+variants hash (``services/queue/served_variants.py``); its tokenizer is loaded from
+the variant's directory on first use.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ray import serve
 
 from services.errors import InvalidParameterError, ModelNotFoundError
+from services.queue.served_variants import LiveVariants, ServedVariant, ServedVariantsSource
 from services.tokenizer.prompt import Prompt
 from services.tokenizer.tokenizer import PromptTokenizer
 
@@ -37,20 +41,44 @@ class TokenizerService:
         model_paths: Mapping[str, str],
         default_model: str,
         max_model_lens: Mapping[str, int | None] | None = None,
+        served_variants: ServedVariantsSource | None = None,
     ) -> None:
         """``max_model_lens``: each model's configured engine context limit (None: the model's
-        own), so that the ingress refuses a prompt the engine could not run."""
+        own), so that the ingress refuses a prompt the engine could not run. ``served_variants``:
+        where to look up variants published while the app runs (None: only ``model_paths``)."""
         limits = max_model_lens or {}
         self._tokenizers = {
             name: PromptTokenizer(path, limits.get(name)) for name, path in model_paths.items()
         }
         self._default_model = default_model
+        self._live: LiveVariants | None = served_variants.async_view() if served_variants else None
+        self._variant_tokenizers: dict[str, tuple[str, PromptTokenizer]] = {}  # name -> (checksum, tok)
 
-    def models(self) -> list[ModelInfo]:
+    async def models(self) -> list[ModelInfo]:
+        tokenizers = dict(self._tokenizers)
+        if self._live is not None:
+            for variant in (await self._live.all()).values():
+                tokenizers.setdefault(variant.name, await self._variant_tokenizer(variant))
         return [
             ModelInfo(name, tok.max_context_length, tok.vocab_size, name == self._default_model)
-            for name, tok in self._tokenizers.items()
+            for name, tok in tokenizers.items()
         ]
+
+    async def _tokenizer(self, model: str) -> PromptTokenizer | None:
+        tokenizer = self._tokenizers.get(model)
+        if tokenizer is not None or self._live is None:
+            return tokenizer
+        variant = await self._live.get(model)
+        return None if variant is None else await self._variant_tokenizer(variant)
+
+    async def _variant_tokenizer(self, variant: ServedVariant) -> PromptTokenizer:
+        """The variant's tokenizer, loaded once per published version (off the event loop)."""
+        loaded = self._variant_tokenizers.get(variant.name)
+        if loaded is None or loaded[0] != variant.checksum:
+            tokenizer = await asyncio.to_thread(PromptTokenizer, variant.artifact_dir, variant.max_model_len)
+            loaded = (variant.checksum, tokenizer)
+            self._variant_tokenizers[variant.name] = loaded
+        return loaded[1]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def encode(self, requests: list[tuple[str, Prompt]]) -> list[Encoded]:
@@ -60,7 +88,7 @@ class TokenizerService:
         for index, (model, _) in enumerate(requests):
             by_model.setdefault(model, []).append(index)
         for model, indices in by_model.items():
-            tokenizer = self._tokenizers.get(model)
+            tokenizer = await self._tokenizer(model)
             if tokenizer is None:
                 error = InvalidParameterError("model", model, str(ModelNotFoundError(model)))
                 for index in indices:
