@@ -18,6 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from services.queue import RedisServer, RedisTls
+from tests.test_tls import Certificates
+
 REDIS_VERSION = "7.0.15"  # Debian bookworm's upstream version; any Debian revision of it
 PACKAGES = ("redis-server", "redis-tools", "libjemalloc2", "liblzf1")
 _LAUNCHER = "redis-server"
@@ -37,6 +40,13 @@ def tls_redis_server() -> Path:
             f"{launcher} is missing: run `make redis-tls` (or python -m tests.debian_redis)"
         )
     return launcher
+
+
+def debian_tls_redis(certificates: Certificates, password: str) -> RedisServer:
+    """A RedisServer (not started) of the cached binary: TLS only with the server pair of
+    ``certificates``, clients told to trust their CA, and ``password`` required."""
+    tls = RedisTls(cert_file=certificates.cert, key_file=certificates.key, ca_file=certificates.ca)
+    return RedisServer(binary=tls_redis_server(), password=password, tls=tls)
 
 
 def _apt_get_download(directory: Path) -> None:

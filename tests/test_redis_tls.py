@@ -21,9 +21,9 @@ from services.client import TokenlineClient
 from services.config import AppConfig
 from services.errors import InvalidParameterError
 from services.proto.tokenline.v1 import generation_pb2 as pb
-from services.queue import RedisServer, RedisTls
+from services.queue import RedisServer
 from services.queue.redis_server import LOOPBACK
-from tests.debian_redis import tls_redis_server
+from tests.debian_redis import debian_tls_redis
 from tests.serving_stack import Stack, stack_config, start_stack
 from tests.stack_probes import wait_until
 from tests.test_tls import Certificates, make_certificates
@@ -46,8 +46,7 @@ def password() -> str:
 
 @pytest.fixture(scope="module")
 def tls_redis(certificates: Certificates, password: str) -> Iterator[RedisServer]:
-    tls = RedisTls(cert_file=certificates.cert, key_file=certificates.key, ca_file=certificates.ca)
-    with RedisServer(binary=tls_redis_server(), password=password, tls=tls) as server:
+    with debian_tls_redis(certificates, password) as server:
         yield server
 
 
