@@ -17,9 +17,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.queue import RedisServer, RedisTls
-from tests.test_tls import Certificates
+
+if TYPE_CHECKING:  # the fetch (make redis-tls) need not import the gRPC test stack
+    from tests.test_tls import Certificates
 
 REDIS_VERSION = "7.0.15"  # Debian bookworm's upstream version; any Debian revision of it
 PACKAGES = ("redis-server", "redis-tools", "libjemalloc2", "liblzf1")

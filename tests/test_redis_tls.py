@@ -1,7 +1,8 @@
 """Redis over TLS with a password: Debian's redis-server 7 (``make redis-tls``) serving TLS only,
 ``requirepass`` set, and the whole stack configured as ``tokenline serve --redis-url
 'rediss://default:${PASSWORD}@HOST:PORT/0?ssl_ca_certs=CA'`` streams a request end to end (the
-ingress, API keys, tokenizer, engine and detokenizer all reach Redis through that URL only).
+ingress with its API keys and rate limits, the engine and the detokenizer all reach Redis through
+that URL only: the server has no plaintext port).
 A plaintext client, one without the password and one with a wrong password are refused."""
 
 from __future__ import annotations
