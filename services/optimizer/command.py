@@ -31,13 +31,14 @@ def add_optimize_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 def optimize_command(args: argparse.Namespace) -> int:
     import ray
 
-    from services.config import OptimizerConfig
+    from services.config import OptimizerConfig, expand_environment
     from services.optimizer.actor import get_or_start_actor
     from services.optimizer.pipeline import OptimizeRequest
 
     overrides = {"variants_dir": args.variants_dir} if args.variants_dir else {}
     config = OptimizerConfig(**overrides)
-    request = OptimizeRequest(args.model, args.recipe, args.publish, args.redis_url, args.key_prefix)
+    redis_url = expand_environment("--redis-url", args.redis_url)  # e.g. rediss://default:${PASSWORD}@...
+    request = OptimizeRequest(args.model, args.recipe, args.publish, redis_url, args.key_prefix)
     ray.init(address=args.ray_address, namespace=config.actor_namespace, log_to_driver=False)
     try:
         result = run_with_progress(get_or_start_actor(config), request, sys.stderr)

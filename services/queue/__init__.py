@@ -8,7 +8,7 @@ from services.queue.client_queue import EnqueueResult, QueueClient
 from services.queue.config import QueueConfig
 from services.queue.engine_queue import ClaimedRequest, EngineQueue, KvBudget
 from services.queue.output_stream import OutputCursor
-from services.queue.redis_server import RedisServer, RedisServerError, find_redis_server
+from services.queue.redis_server import RedisServer, RedisServerError, RedisTls, find_redis_server
 
 __all__ = [
     "ClaimedRequest",
@@ -20,5 +20,6 @@ __all__ = [
     "QueueConfig",
     "RedisServer",
     "RedisServerError",
+    "RedisTls",
     "find_redis_server",
 ]

@@ -3,7 +3,8 @@
 It persists with an append-only file (``appendfsync always`` by default, so every
 accepted request is on disk before Redis acknowledges it) and no RDB snapshots.
 ``kill`` and ``restart`` exist for fault tests: the restarted server replays the
-AOF from the same directory on the same port.
+AOF from the same directory on the same port. Given a password it requires one, and given
+``RedisTls`` files it serves TLS only (a redis-server built with TLS, such as Debian's).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 
@@ -29,10 +32,20 @@ logger = logging.getLogger(__name__)
 APPENDFSYNC_POLICIES = ("always", "everysec", "no")
 LOOPBACK = "127.0.0.1"
 _LOG_TAIL_CHARS = 2000
+_CONFIG_FILE = "tokenline-redis.conf"  # holds the password, so that no `ps` shows it
 
 
 class RedisServerError(TokenlineError):
     """The redis-server binary is missing or the process did not come up."""
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """PEM files for a Redis that serves TLS only; clients need no certificate of their own."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path  # the CA that signed cert_file: what clients are told to trust
 
 
 def find_redis_server() -> Path:
@@ -53,7 +66,9 @@ class RedisServer:
 
     ``data_dir``: where the AOF lives. When omitted a temporary directory is created
     and removed by ``stop()`` unless ``keep_data``; a directory the caller passed in
-    is never removed.
+    is never removed. ``binary``: the redis-server to run (default: ``find_redis_server``).
+    ``password``: for the user ``default``. ``tls``: serve TLS on ``port`` and nothing in
+    plaintext.
     """
 
     def __init__(
@@ -64,12 +79,19 @@ class RedisServer:
         keep_data: bool = False,
         port: int | None = None,
         startup_timeout_s: float = 10.0,
+        binary: Path | None = None,
+        password: str | None = None,
+        tls: RedisTls | None = None,
     ) -> None:
         if appendfsync not in APPENDFSYNC_POLICIES:
             raise InvalidParameterError("appendfsync", appendfsync, f"must be one of {APPENDFSYNC_POLICIES}")
         if startup_timeout_s <= 0:
             raise InvalidParameterError("startup_timeout_s", startup_timeout_s, "must be > 0")
-        self._binary = find_redis_server()
+        if password is not None and not (password.isprintable() and password.isascii() and password):
+            raise InvalidParameterError("password", "(hidden)", "must be non-empty printable ASCII")
+        self._binary = binary if binary is not None else find_redis_server()
+        self._password = password
+        self._tls = tls
         self._appendfsync = appendfsync
         self._owns_dir = data_dir is None
         self._data_dir = Path(tempfile.mkdtemp(prefix="tokenline-redis-")) if data_dir is None else data_dir
@@ -80,7 +102,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self._port}/0"
+        """What clients connect with: the password and the CA to trust travel in the URL."""
+        user = "" if self._password is None else f"default:{quote(self._password, safe='')}@"
+        if self._tls is None:
+            return f"redis://{user}{LOOPBACK}:{self._port}/0"
+        ca = quote(str(self._tls.ca_file), safe="/")
+        return f"rediss://{user}{LOOPBACK}:{self._port}/0?ssl_ca_certs={ca}"
 
     @property
     def port(self) -> int:
@@ -109,7 +136,8 @@ class RedisServer:
         self._data_dir.mkdir(parents=True, exist_ok=True)
         command = [
             str(self._binary),
-            "--port", str(self._port),
+            *self._config_file_argument(),
+            *self._listener_arguments(),
             "--bind", LOOPBACK,
             "--dir", str(self._data_dir),
             "--appendonly", "yes",
@@ -145,6 +173,29 @@ class RedisServer:
     def _log_path(self) -> Path:
         return self._data_dir / "redis.log"
 
+    def _config_file_argument(self) -> list[str]:
+        """A config file (readable by its owner only) with ``requirepass``; it must come first."""
+        if self._password is None:
+            return []
+        path = self._data_dir / _CONFIG_FILE
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        escaped = self._password.replace("\\", "\\\\").replace('"', '\\"')
+        path.write_text(f'requirepass "{escaped}"\n')
+        return [str(path)]
+
+    def _listener_arguments(self) -> list[str]:
+        if self._tls is None:
+            return ["--port", str(self._port)]
+        return [
+            "--port", "0",  # no plaintext listener at all
+            "--tls-port", str(self._port),
+            "--tls-cert-file", str(self._tls.cert_file),
+            "--tls-key-file", str(self._tls.key_file),
+            "--tls-ca-cert-file", str(self._tls.ca_file),
+            "--tls-auth-clients", "no",  # clients prove themselves with the password instead
+        ]  # fmt: skip
+
     def _end_process(self, sig: signal.Signals) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
@@ -161,7 +212,7 @@ class RedisServer:
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self._startup_timeout_s
-        probe = redis.Redis(host=LOOPBACK, port=self._port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        probe = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:

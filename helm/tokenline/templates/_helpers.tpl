@@ -109,6 +109,30 @@ app.kubernetes.io/component: redis
 {{- end -}}
 {{- end -}}
 
+{{/* The CA of an external Redis that serves TLS (redis.tls.caSecret), mounted where
+     `?ssl_ca_certs=` in redis.externalUrl names it: a volume and its mount. */}}
+{{- define "tokenline.redisCaVolume" -}}
+{{- if .Values.redis.tls.caSecret -}}
+{{- if .Values.redis.enabled -}}
+{{- fail "redis.tls.caSecret needs redis.enabled false and a rediss:// redis.externalUrl (the chart's Redis serves plaintext inside the cluster)" -}}
+{{- end -}}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.tls.caSecret }}
+    items:
+      - key: {{ .Values.redis.tls.caSecretKey }}
+        path: ca.crt
+{{- end -}}
+{{- end -}}
+
+{{- define "tokenline.redisCaMount" -}}
+{{- if .Values.redis.tls.caSecret -}}
+- name: redis-ca
+  mountPath: /etc/tokenline/redis-ca
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
 {{/* The Secret holding the bootstrap API key. */}}
 {{- define "tokenline.apiKeySecretName" -}}
 {{- default (printf "%s-api-key" (include "tokenline.fullname" .)) .Values.bootstrapKey.existingSecret -}}
@@ -162,6 +186,9 @@ securityContext:
 volumes:
   - name: ray-logs
     emptyDir: {}
+  {{- with include "tokenline.redisCaVolume" . }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- with .Values.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -188,6 +215,9 @@ env:
 volumeMounts:
   - name: ray-logs
     mountPath: /tmp/ray
+  {{- with include "tokenline.redisCaMount" . }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
