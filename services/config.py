@@ -195,6 +195,15 @@ class AppConfig(BaseModel):
     grpc_max_message_bytes: int = Field(
         default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus endpoint (Ray's metrics agent, /metrics) of a Ray that "
+        "`tokenline serve` starts itself; None: grpc_port + 103, beside the ports the gRPC edge takes, "
+        "so that stacks with different grpc_port do not collide. A Ray cluster started elsewhere "
+        "keeps its own (`ray start --metrics-export-port`).",
+    )
     app_name: str = Field(default="tokenline", description="Ray Serve application name.")
     detokenizer_replicas: int = Field(
         default=1,
@@ -224,11 +233,18 @@ class AppConfig(BaseModel):
             raise ValueError(f"models: duplicate names in {names}")
         if self.default_model and self.default_model not in names:
             raise ValueError(f"default_model: {self.default_model!r} is not one of {names}")
+        if self.metrics_port is None and self.grpc_port + METRICS_PORT_OFFSET > 65535:
+            port = self.grpc_port + METRICS_PORT_OFFSET
+            raise ValueError(f"metrics_port: grpc_port + {METRICS_PORT_OFFSET} = {port} is no port; set one")
         return self
 
     def with_environment(self) -> AppConfig:
         """This config with the ``${NAME}`` references of ``redis_url`` filled in."""
         return self.model_copy(update={"redis_url": expand_environment("redis_url", self.redis_url)})
+
+    @property
+    def metrics_export_port(self) -> int:
+        return self.metrics_port if self.metrics_port is not None else self.grpc_port + METRICS_PORT_OFFSET
 
     @property
     def default_model_name(self) -> str:
@@ -251,6 +267,9 @@ class AppConfig(BaseModel):
     def from_yaml(cls, path: Path) -> AppConfig:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
+
+# grpc_port + 1..+102 and +104 may go to the gRPC edge (services/server.py); +103 stays free.
+METRICS_PORT_OFFSET = 103
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

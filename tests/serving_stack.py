@@ -26,6 +26,7 @@ class Stack:
     target: str
     api_key: str  # tenant "tester", every model
     redis_server: RedisServer  # the stack's private Redis, for faults
+    metrics_url: str = ""  # Prometheus endpoint of this node's Ray metrics agent
 
     def engine_statuses(self, replicas: int, attempts: int = 40) -> dict[int, ReplicaStatus]:
         """The status of every engine replica, by pid. Serve balances handle calls over
@@ -90,7 +91,7 @@ def start_stack(config: AppConfig) -> Iterator[Stack]:
         wait_ready(running.grpc_target, api_key)
         if running.redis_server is None:
             raise RuntimeError("the test stack must start its own Redis")
-        yield Stack(running.config, running.grpc_target, api_key, running.redis_server)
+        yield Stack(running.config, running.grpc_target, api_key, running.redis_server, running.metrics_url)
 
 
 def wait_ready(target: str, api_key: str, timeout_s: float = 120.0) -> None:

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -29,9 +30,11 @@ from services.ingress import convert
 from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
 from services.ingress.ratelimit import RateLimiter
+from services.ingress.rpc_metrics import counted_stream, counted_unary
 from services.ingress.status import RpcError, abort, rpc_error_for
 from services.ingress.text_fanout import TextFanout
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
+from services.metrics.ingress import IngressMetrics
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
 from services.queue.keys import QueueKeys
@@ -76,8 +79,10 @@ class IngressService:
         self._texts = TextFanout(self._queue, wake_key, config.queue.reader_outage_s)
         self._models: dict[str, ModelInfo] = {}
         self._seeds = random.SystemRandom()
+        self.metrics = IngressMetrics()
 
     # ---- RPCs -----------------------------------------------------------------------------
+    @counted_unary
     async def Generate(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         request = _parse(pb.GenerateRequest, raw, grpc_context)
         text: list[str] = []
@@ -99,16 +104,18 @@ class IngressService:
             logprobs=logprobs,
         )
 
+    @counted_stream
     async def GenerateStream(
         self, raw: bytes, grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         request = _parse(pb.GenerateRequest, raw, grpc_context)
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
+    @counted_stream
     async def Resume(
         self, raw: bytes, grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The rest of an accepted request's stream, from token ``from_token``: for a client
         whose stream broke (an ingress replica died, a connection dropped)."""
         request = _parse(pb.ResumeRequest, raw, grpc_context)
@@ -123,6 +130,7 @@ class IngressService:
         async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
             yield convert.stream_response(delta)
 
+    @counted_unary
     async def Tokenize(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
         request = _parse(pb.TokenizeRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
@@ -131,6 +139,7 @@ class IngressService:
             encoded = await self._encode(model, convert.parse_prompt(request))
         return pb.TokenizeResponse(token_ids=encoded, count=len(encoded))
 
+    @counted_unary
     async def Cancel(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
         request = _parse(pb.CancelRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
@@ -140,6 +149,7 @@ class IngressService:
             found = await self._queue.cancel(model, request.request_id)
         return pb.CancelResponse(found=found)
 
+    @counted_unary
     async def ListModels(self, raw: bytes, grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
         _parse(pb.ListModelsRequest, raw, grpc_context)  # no fields, but corrupt bytes are still refused
         with _status_on_error(grpc_context):
@@ -163,12 +173,15 @@ class IngressService:
     async def _generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[TextDelta]:
+        received = time.monotonic()
         with _status_on_error(grpc_context):
             accepted = await self._accept(request, grpc_context)
         stream = StreamRequest(
             accepted.request_id, accepted.model, len(accepted.prompt_token_ids), accepted.params.stop
         )
+        timer = self.metrics.request_timer(accepted.model, accepted.tenant, received)
         async for delta in self._follow(stream, grpc_context):
+            timer.message(delta.finish_reason)
             yield delta
 
     async def _accept(
@@ -192,9 +205,12 @@ class IngressService:
             prompt_token_ids=tuple(prompt_ids),
             params=params,
             priority=parsed.priority,
+            arrival_time=time.time(),  # wall clock: the engine that claims it may run on another node
             tenant=tenant.name,
         )
         result = await self._queue.enqueue(accepted)
+        if not result.duplicate:
+            self.metrics.accepted(model, tenant.name, len(prompt_ids))
         logger.info(
             "request accepted",
             extra={
