@@ -40,6 +40,13 @@ class MetricSpec:
     def scrape_name(self) -> str:
         return SCRAPE_PREFIX + self.name
 
+    @property
+    def series_names(self) -> frozenset[str]:
+        """The names of its series in a scrape: a histogram's ``_bucket``, ``_count``, ``_sum``."""
+        if self.kind is Kind.HISTOGRAM:
+            return frozenset(self.scrape_name + suffix for suffix in ("_bucket", "_count", "_sum"))
+        return frozenset({self.scrape_name})
+
 
 # Latency buckets in seconds: fine below 100 ms, where a small model's gaps between tokens
 # lie, and coarse up to minutes, where queueing under overload and long generations end.
@@ -143,12 +150,5 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
 
 
 def scrape_names() -> frozenset[str]:
-    """Every series name a scrape of a node's metrics agent can show for tokenline: histograms
-    as their ``_bucket``, ``_count`` and ``_sum`` series."""
-    names: set[str] = set()
-    for spec in ALL_METRICS:
-        if spec.kind is Kind.HISTOGRAM:
-            names.update(spec.scrape_name + suffix for suffix in ("_bucket", "_count", "_sum"))
-        else:
-            names.add(spec.scrape_name)
-    return frozenset(names)
+    """Every series name a scrape of a node's metrics agent can show for tokenline."""
+    return frozenset().union(*(spec.series_names for spec in ALL_METRICS))
