@@ -29,7 +29,7 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--metrics-port",
         type=int,
         default=None,
-        help="Prometheus port of a Ray started here (default: gRPC port + 103)",
+        help="Prometheus port of a Ray started here (default: gRPC port + 105)",
     )
     serve_cmd.add_argument("--engine-replicas", type=int, default=None, help="engine replicas per model")
     serve_cmd.add_argument(

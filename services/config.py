@@ -200,7 +200,7 @@ class AppConfig(BaseModel):
         ge=0,
         le=65535,
         description="Port of the Prometheus endpoint (Ray's metrics agent, /metrics) of a Ray that "
-        "`tokenline serve` starts itself; None: grpc_port + 103, beside the ports the gRPC edge takes, "
+        "`tokenline serve` starts itself; None: grpc_port + 105, past the ports the gRPC edge takes, "
         "so that stacks with different grpc_port do not collide. A Ray cluster started elsewhere "
         "keeps its own (`ray start --metrics-export-port`).",
     )
@@ -268,8 +268,9 @@ class AppConfig(BaseModel):
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
 
-# grpc_port + 1..+102 and +104 may go to the gRPC edge (services/server.py); +103 stays free.
-METRICS_PORT_OFFSET = 103
+# The gRPC edge may take grpc_port .. grpc_port + 104 (ingress replicas, HAProxy's metrics and
+# stats, Serve's HTTP port: services/server.py); the metrics port comes right after.
+METRICS_PORT_OFFSET = 105
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
