@@ -66,7 +66,8 @@ TIME_TO_FIRST_TOKEN = MetricSpec(
 INTER_TOKEN_LATENCY = MetricSpec(
     "tokenline_inter_token_latency_seconds",
     Kind.HISTOGRAM,
-    "Gap between consecutive messages the ingress relays to one client (each may carry several tokens).",
+    "Gap between consecutive text messages the ingress relays for one call (each message of a "
+    "GenerateStream; may carry several tokens).",
     _MODEL,
     _SHORT,
 )
