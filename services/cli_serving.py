@@ -31,6 +31,12 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     serve_cmd.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start one)")
     serve_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
+    serve_cmd.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port of a Ray started here (default: gRPC port + 105)",
+    )
     serve_cmd.add_argument("--engine-replicas", type=int, default=None, help="engine replicas per model")
     serve_cmd.add_argument(
         "--backend",
@@ -96,6 +102,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         updates["redis_url"] = args.redis_url
     if args.grpc_port is not None:
         updates["grpc_port"] = args.grpc_port
+    if args.metrics_port is not None:
+        updates["metrics_port"] = args.metrics_port
     if args.variants:
         updates["variants"] = tuple(args.variants)
     if args.tls_cert or args.tls_key:

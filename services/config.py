@@ -258,6 +258,15 @@ class AppConfig(BaseModel):
     grpc_max_message_bytes: int = Field(
         default=4 << 20, ge=1024, description="Largest gRPC message the proxy accepts or sends."
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus endpoint (Ray's metrics agent, /metrics) of a Ray that "
+        "`tokenline serve` starts itself; None: grpc_port + 105, past the ports the gRPC edge takes, "
+        "so that stacks with different grpc_port do not collide. A Ray cluster started elsewhere "
+        "keeps its own (`ray start --metrics-export-port`).",
+    )
     app_name: str = Field(default="tokenline", description="Ray Serve application name.")
     detokenizer_replicas: int = Field(
         default=1,
@@ -293,6 +302,9 @@ class AppConfig(BaseModel):
                 f"tls: needs grpc_ingress 'replica' (Ray Serve's gRPC servers have no TLS), "
                 f"got {self.grpc_ingress!r}"
             )
+        if self.metrics_port is None and self.grpc_port + METRICS_PORT_OFFSET > 65535:
+            port = self.grpc_port + METRICS_PORT_OFFSET
+            raise ValueError(f"metrics_port: grpc_port + {METRICS_PORT_OFFSET} = {port} is no port; set one")
         return self
 
     def grpc_server_settings(self) -> GrpcServerSettings | None:
@@ -309,6 +321,10 @@ class AppConfig(BaseModel):
     def with_environment(self) -> AppConfig:
         """This config with the ``${NAME}`` references of ``redis_url`` filled in."""
         return self.model_copy(update={"redis_url": expand_environment("redis_url", self.redis_url)})
+
+    @property
+    def metrics_export_port(self) -> int:
+        return self.metrics_port if self.metrics_port is not None else self.grpc_port + METRICS_PORT_OFFSET
 
     @property
     def default_model_name(self) -> str:
@@ -332,6 +348,10 @@ class AppConfig(BaseModel):
     def from_yaml(cls, path: Path) -> AppConfig:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
+
+# The gRPC edge may take grpc_port .. grpc_port + 104 (ingress replicas, HAProxy's metrics and
+# stats, Serve's HTTP port: services/server.py); the metrics port comes right after.
+METRICS_PORT_OFFSET = 105
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -34,6 +34,7 @@ class RunningStack:
     config: AppConfig  # with the Redis URL actually in use
     grpc_target: str  # HOST:PORT for clients
     redis_server: RedisServer | None  # the private Redis this stack started, None when given a URL
+    metrics_url: str  # this node's Prometheus endpoint (Ray's metrics agent)
 
     @property
     def private_redis(self) -> bool:
@@ -56,13 +57,29 @@ def running_stack(config: AppConfig, ray_address: str | None = None) -> Iterator
             # Given no address (flag or RAY_ADDRESS), start the stack's own Ray: ray.init(None)
             # would join any cluster that `ray start` left running on this machine.
             address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+            # A Ray started here serves metrics on the configured port; a cluster keeps its own.
+            metrics_port = config.metrics_export_port if address == "local" else None
             with _keeping_stop_signal_handlers():
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    _metrics_export_port=metrics_port,
+                )
             stack.callback(ray.shutdown)
         serve.start(**serve_options(config))
         stack.callback(serve.shutdown)
         serve.run(build_app(config), name=config.app_name)
-        yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", redis_server)
+        yield RunningStack(config, f"127.0.0.1:{config.grpc_port}", redis_server, metrics_url())
+
+
+def metrics_url() -> str:
+    """The Prometheus endpoint of this node's Ray metrics agent: where every tokenline process on
+    the node reports (services/metrics). Each node of a cluster has its own."""
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it untyped
+    node = next(n for n in nodes if n["NodeID"] == node_id)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def serve_options(config: AppConfig) -> dict[str, Any]:
@@ -157,6 +174,7 @@ def run_server(config: AppConfig, ray_address: str | None = None) -> int:
         if stack.private_redis and stack.config.auth.enabled:
             _issue_local_key(stack.config)
         print(f"ready: grpc://{stack.grpc_target}", flush=True)
+        print(f"metrics: {stack.metrics_url}", flush=True)
         stop.wait()
         logger.info("shutting down")
     return 0

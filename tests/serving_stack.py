@@ -27,6 +27,7 @@ class Stack:
     target: str
     api_key: str  # tenant "tester", every model
     redis_server: RedisServer  # the stack's private Redis, for faults
+    metrics_url: str = ""  # Prometheus endpoint of this node's Ray metrics agent
 
     def engine_statuses(self, replicas: int, attempts: int = 40) -> dict[int, ReplicaStatus]:
         """The status of every engine replica, by pid. Serve balances handle calls over
@@ -99,7 +100,7 @@ def start_stack(
         server = running.redis_server or redis_server
         if server is None:
             raise RuntimeError("the test stack needs a Redis it or the test started")
-        yield Stack(running.config, running.grpc_target, api_key, server)
+        yield Stack(running.config, running.grpc_target, api_key, server, running.metrics_url)
 
 
 def wait_ready(

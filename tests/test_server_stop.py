@@ -1,6 +1,6 @@
 """`tokenline serve` stops like a service: SIGTERM (what systemd, Docker and Kubernetes
 send) leaves none of the processes it started running — its private redis-server,
-Ray's gcs_server, raylet, agents and workers."""
+Ray's gcs_server, raylet, agents and workers. Before that, it says where its metrics are."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +78,11 @@ def _read_lines(stream: object, lines: queue.Queue[str]) -> None:
 
 
 def test_sigterm_stops_every_process_serve_started(demo_model_dir: Path) -> None:
+    metrics_port = free_port()
     command = [
         sys.executable, "-m", "services.cli", "serve",
         "--model", str(demo_model_dir), "--model-name", "demo",
-        "--no-auth", "--grpc-port", str(free_port()),
+        "--no-auth", "--grpc-port", str(free_port()), "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     # A session of its own: every process it starts can be found, and none of ours is hit.
     server = subprocess.Popen(
@@ -92,11 +94,17 @@ def test_sigterm_stops_every_process_serve_started(demo_model_dir: Path) -> None
     output: list[str] = []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not any(line.startswith("ready: grpc://") for line in output):
+        while not any(line.startswith("metrics: http://") for line in output):
             assert server.poll() is None, f"serve exited with {server.returncode}:\n{''.join(output[-40:])}"
-            assert time.monotonic() < deadline, "serve printed no ready line"
+            assert time.monotonic() < deadline, "serve printed no ready and metrics lines"
             with contextlib.suppress(queue.Empty):
                 output.append(lines.get(timeout=1.0))
+        ready = next(i for i, line in enumerate(output) if line.startswith("ready: grpc://"))
+        assert output[ready + 1].startswith("metrics: http://"), "the metrics line follows the ready line"
+        url = output[ready + 1].removeprefix("metrics: ").strip()
+        assert url.endswith(f":{metrics_port}/metrics"), url
+        with urllib.request.urlopen(url, timeout=10) as scrape:  # Ray's metrics agent answers there
+            assert scrape.status == 200
         started = _started_by(server.pid)
         names = {process.name for process in started}
         for name in STARTED_PROCESSES:  # the test must see what it checks

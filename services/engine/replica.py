@@ -40,6 +40,7 @@ from services.engine.config import EngineConfig
 from services.engine.outputs import RequestOutput
 from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, TopLogprob, TopLogprobs, Usage
+from services.metrics.engine import EngineMetrics, EngineSample
 from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
 from services.queue.outage import Backoff
 from services.queue.step_writer import OutputWriter
@@ -95,6 +96,7 @@ class EngineReplica:
         self._outbox: list[TokenChunk] = []  # produced, not yet handed to the writer
         self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
         self._writer = OutputWriter(self.queue, model_name)
+        self._metrics = EngineMetrics(model_name)
         now = time.monotonic()
         self._next_renew = self._next_reclaim = self._next_claim = now
         self._last_progress = time.monotonic()
@@ -167,6 +169,7 @@ class EngineReplica:
             )
         else:
             logger.info("engine replica stopped", extra={**self._log_context(), "handed_back": handed})
+        self._metrics.flush_counters(self.engine.stats.preemptions)
         self._writer.close()
         self.queue.close()
 
@@ -223,6 +226,20 @@ class EngineReplica:
             self._step()
         else:
             self._settle()  # the last step's write; nothing to overlap it with
+        if self._metrics.sample_due(now):
+            self._record_metrics()
+
+    def _record_metrics(self) -> None:
+        capacity = self.engine.capacity()
+        sample = EngineSample(
+            running=capacity.running,
+            waiting=capacity.waiting,
+            used_blocks=capacity.total_blocks - capacity.free_blocks,
+            total_blocks=capacity.total_blocks,
+            queue_depth=self.queue.depth(self.model_name),
+            preemptions=self.engine.stats.preemptions,
+        )
+        self._metrics.record(sample)
 
     def _room(self) -> tuple[int, KvBudget]:
         """New requests this replica can take now (free batch slots, only while nothing it holds
@@ -238,7 +255,9 @@ class EngineReplica:
     def _step(self) -> None:
         """Compute step N+1 while step N's output is being written, then hand N+1 over."""
         outputs = self.engine.step()
-        self._outbox.extend(self._chunk(out) for out in outputs if out.request_id in self._held)
+        chunks = [self._chunk(out) for out in outputs if out.request_id in self._held]
+        self._outbox.extend(chunks)
+        self._metrics.generated(sum(len(chunk.token_ids) for chunk in chunks))
         self._settle()
         self._submit(poll_cancels=True)
 
@@ -297,6 +316,8 @@ class EngineReplica:
 
     def _admit(self, item: ClaimedRequest) -> None:
         request = item.request
+        if not item.reclaimed:  # queue time ends at the first claim; a reclaim is not queueing
+            self._metrics.claimed(request.arrival_time)
         held = _Held(item.entry_id, 0, len(request.prompt_token_ids))
         if item.cancelled:
             self._held[request.request_id] = held

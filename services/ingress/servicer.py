@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -33,10 +34,12 @@ from services.ingress.auth import Authenticator, PermissionDeniedError
 from services.ingress.grpc_server import IngressGrpcServer, application_stays
 from services.ingress.health import IngressHealth
 from services.ingress.ratelimit import RateLimiter
+from services.ingress.rpc_metrics import counted_stream, counted_unary
 from services.ingress.served_models import ServedModels
 from services.ingress.status import CallContext, RpcError, abort, rpc_error_for
 from services.ingress.text_fanout import TextFanout
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
+from services.metrics.ingress import IngressMetrics
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
 from services.queue.keys import QueueKeys
@@ -94,6 +97,7 @@ class IngressService:
         self._texts = TextFanout(self._queue, wake_key, config.queue.reader_outage_s)
         self._seeds = random.SystemRandom()
         self._health = IngressHealth()
+        self.metrics = IngressMetrics()
         # grpc_ingress 'replica': this replica serves the port itself. The port is bound here, so
         # a port held by another program fails the replica's start; Serve constructs us on the
         # event loop that runs our calls, which the server then shares.
@@ -116,6 +120,7 @@ class IngressService:
         await self._texts.aclose()
 
     # ---- RPCs -----------------------------------------------------------------------------
+    @counted_unary
     async def Generate(self, raw: bytes, grpc_context: CallContext) -> pb.GenerateResponse:
         request = _parse(pb.GenerateRequest, raw, grpc_context)
         text: list[str] = []
@@ -140,16 +145,18 @@ class IngressService:
             top_logprobs=top_logprobs,
         )
 
+    @counted_stream
     async def GenerateStream(
         self, raw: bytes, grpc_context: CallContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         request = _parse(pb.GenerateRequest, raw, grpc_context)
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
+    @counted_stream
     async def Resume(
         self, raw: bytes, grpc_context: CallContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The rest of an accepted request's stream, from token ``from_token``: for a client
         whose stream broke (an ingress replica died, a connection dropped)."""
         request = _parse(pb.ResumeRequest, raw, grpc_context)
@@ -164,6 +171,7 @@ class IngressService:
         async for delta in self._follow(replace(stream, from_token=request.from_token), grpc_context):
             yield convert.stream_response(delta)
 
+    @counted_unary
     async def Tokenize(self, raw: bytes, grpc_context: CallContext) -> pb.TokenizeResponse:
         request = _parse(pb.TokenizeRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
@@ -172,6 +180,7 @@ class IngressService:
             encoded = await self._encode(model, convert.parse_prompt(request))
         return pb.TokenizeResponse(token_ids=encoded, count=len(encoded))
 
+    @counted_unary
     async def Cancel(self, raw: bytes, grpc_context: CallContext) -> pb.CancelResponse:
         request = _parse(pb.CancelRequest, raw, grpc_context)
         with _status_on_error(grpc_context):
@@ -181,6 +190,7 @@ class IngressService:
             found = await self._queue.cancel(model, request.request_id)
         return pb.CancelResponse(found=found)
 
+    @counted_unary
     async def ListModels(self, raw: bytes, grpc_context: CallContext) -> pb.ListModelsResponse:
         _parse(pb.ListModelsRequest, raw, grpc_context)  # no fields, but corrupt bytes are still refused
         with _status_on_error(grpc_context):
@@ -215,12 +225,15 @@ class IngressService:
     async def _generate(
         self, request: pb.GenerateRequest, grpc_context: CallContext
     ) -> AsyncIterator[TextDelta]:
+        received = time.monotonic()
         with _status_on_error(grpc_context):
             accepted = await self._accept(request, grpc_context)
         stream = StreamRequest(
             accepted.request_id, accepted.model, len(accepted.prompt_token_ids), accepted.params.stop
         )
+        timer = self.metrics.request_timer(accepted.model, accepted.tenant, received)
         async for delta in self._follow(stream, grpc_context):
+            timer.message(delta.finish_reason)
             yield delta
 
     async def _accept(
@@ -244,9 +257,12 @@ class IngressService:
             prompt_token_ids=tuple(prompt_ids),
             params=params,
             priority=parsed.priority,
+            arrival_time=time.time(),  # wall clock: the engine that claims it may run on another node
             tenant=tenant.name,
         )
         result = await self._queue.enqueue(accepted)
+        if not result.duplicate:
+            self.metrics.accepted(model, tenant.name, len(prompt_ids))
         logger.info(
             "request accepted",
             extra={

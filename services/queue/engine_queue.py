@@ -236,6 +236,11 @@ class EngineQueue(RedisOwner):
         return collect_tokens(request_id, codec.decode_chunk_entries(request_id, entries))
 
     @guard
+    def depth(self, model: str) -> int:
+        """Accepted-but-unfinished requests of ``model``: what admission bounds."""
+        return int(self._redis.hlen(self._keys.for_model(model).active))
+
+    @guard
     def ensure_group(self, model: str) -> None:
         """Create the model's priority-0 stream and consumer group if missing and mark it for the
         next claim to look at (safe to call any time; enqueue creates every other band's stream

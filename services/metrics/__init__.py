@@ -1,0 +1,1 @@
+"""Prometheus metrics: what is exported (``catalog``) and the recorders of each stage."""
