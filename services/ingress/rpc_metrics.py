@@ -12,9 +12,7 @@ import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from ray.serve.grpc_util import RayServegRPCContext
-
-from services.ingress.status import RpcError
+from services.ingress.status import CallContext, RpcError
 from services.metrics.ingress import IngressMetrics
 
 
@@ -26,13 +24,13 @@ class HasMetrics(Protocol):
 _Self = TypeVar("_Self", bound=HasMetrics)
 _Response = TypeVar("_Response")
 
-UnaryMethod = Callable[[_Self, bytes, RayServegRPCContext], Awaitable[_Response]]
-StreamMethod = Callable[[_Self, bytes, RayServegRPCContext], AsyncGenerator[_Response, None]]
+UnaryMethod = Callable[[_Self, bytes, CallContext], Awaitable[_Response]]
+StreamMethod = Callable[[_Self, bytes, CallContext], AsyncGenerator[_Response, None]]
 
 
 def counted_unary(method: UnaryMethod[_Self, _Response]) -> UnaryMethod[_Self, _Response]:
     @functools.wraps(method)
-    async def counted(self: _Self, raw: bytes, grpc_context: RayServegRPCContext) -> _Response:
+    async def counted(self: _Self, raw: bytes, grpc_context: CallContext) -> _Response:
         try:
             return await method(self, raw, grpc_context)
         except RpcError as error:
@@ -45,7 +43,7 @@ def counted_unary(method: UnaryMethod[_Self, _Response]) -> UnaryMethod[_Self, _
 def counted_stream(method: StreamMethod[_Self, _Response]) -> StreamMethod[_Self, _Response]:
     @functools.wraps(method)
     async def counted(
-        self: _Self, raw: bytes, grpc_context: RayServegRPCContext
+        self: _Self, raw: bytes, grpc_context: CallContext
     ) -> AsyncGenerator[_Response, None]:
         try:
             # Closed with this wrapper, not whenever it is collected: the method's cleanup (it
