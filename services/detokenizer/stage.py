@@ -48,7 +48,8 @@ class DetokenizerStage:
         lease_s: float,
     ) -> None:
         self._tokenizers = tokenizers
-        self._token_texts = {model: TokenTexts(tokenizer) for model, tokenizer in tokenizers.items()}
+        # One cache per model, made on first use: variants published while we run join later.
+        self._token_texts: dict[str, TokenTexts] = {}
         self._queue = queue
         self.consumer = consumer
         self._renew_every_s = lease_s / 3
@@ -131,9 +132,10 @@ class DetokenizerStage:
                 continue
             if request.request_id in self._owned:
                 continue
-            text = RequestText(
-                tokenizer, request, assignment.next_text_index, self._token_texts[request.model]
-            )
+            token_texts = self._token_texts.get(request.model)
+            if token_texts is None:
+                token_texts = self._token_texts[request.model] = TokenTexts(tokenizer)
+            text = RequestText(tokenizer, request, assignment.next_text_index, token_texts)
             self._owned[request.request_id] = _Owned(
                 assignment.entry_id, text, OutputCursor(request.request_id)
             )
