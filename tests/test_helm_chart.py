@@ -13,7 +13,11 @@ from a PyPI wheel, see cluster/install_helm.py) and by the code that consumes wh
   Secret, and the rendered bootstrap-key Job's command run for real against it: the key
   from the rendered Secret then authenticates;
 - an upgrade rendered as version N and N+1: which part of the RayService changes decides
-  whether KubeRay updates Serve in place or brings up a new Ray cluster.
+  whether KubeRay updates Serve in place or brings up a new Ray cluster;
+- grpc_ingress replica with TLS from a Secret: the rendered Serve config and app args
+  validated by Ray Serve's schema and AppConfig, and the Secret's files, laid out as the
+  rendered volume projects them, loaded by the ingress's own credential loader into a real
+  gRPC server that a client trusting the CA reaches over loopback.
 """
 
 from __future__ import annotations
@@ -91,6 +95,13 @@ CHART_REDIS_WITH_GCS_FT = [
     "redis.networkPolicy.extraFrom[0].namespaceSelector.matchLabels.team=ops",
     "bootstrapKey.enabled=false",
 ]
+# Each ingress replica serving grpc.port itself; with TLS from a kubernetes.io/tls Secret,
+# and with mTLS (the client CA under ca.crt in the same Secret).
+REPLICA = ["serve.app.grpc_ingress=replica"]
+GRPC_TLS_SECRET = "tokenline-grpc-tls"
+REPLICA_TLS = [*REPLICA, f"grpc.tls.secretName={GRPC_TLS_SECRET}"]
+REPLICA_MTLS = [*REPLICA_TLS, "grpc.tls.clientCaKey=ca.crt"]
+GRPC_TLS_DIR = "/etc/tokenline/grpc-tls"  # where the chart mounts grpc.tls.secretName
 
 
 # --------------------------------------------------------------------------- helm
@@ -150,8 +161,8 @@ def values_files() -> list[Path]:
 
 @pytest.mark.parametrize(
     "sets",
-    [[], EXTERNAL_REDIS, EXTERNAL_TLS_REDIS, CHART_REDIS_WITH_GCS_FT],
-    ids=["default", "external", "external-tls", "gcs"],
+    [[], EXTERNAL_REDIS, EXTERNAL_TLS_REDIS, CHART_REDIS_WITH_GCS_FT, REPLICA, REPLICA_TLS, REPLICA_MTLS],
+    ids=["default", "external", "external-tls", "gcs", "replica", "replica-tls", "replica-mtls"],
 )
 def test_helm_lint_strict_passes(helm: str, sets: list[str]) -> None:
     command = [helm, "lint", "--strict", str(CHART)]
@@ -176,6 +187,28 @@ def test_chart_refuses_inconsistent_values(helm: str) -> None:
         with pytest.raises(subprocess.CalledProcessError) as failed:
             render(helm, *sets)
         assert message in failed.value.stderr
+
+
+def test_chart_refuses_tls_without_replica_ingress_and_replica_ingress_it_cannot_spread(helm: str) -> None:
+    """TLS needs the ingress replicas' own servers: with any other mode Ray Serve's gRPC servers,
+    which have no TLS, would face the clients. Replica mode needs a worker pod per ingress."""
+    tls_refused = "needs serve.app.grpc_ingress replica, got {!r}"
+    cases = [
+        (tls_refused.format("haproxy"), [f"grpc.tls.secretName={GRPC_TLS_SECRET}"]),
+        (tls_refused.format("proxy"), [
+            "serve.app.grpc_ingress=proxy", f"grpc.tls.secretName={GRPC_TLS_SECRET}",
+        ]),
+        (tls_refused.format("direct"), [
+            "serve.app.grpc_ingress=direct", "serve.app.tls.cert_file=/c", "serve.app.tls.key_file=/k",
+        ]),
+        ("set grpc.tls.secretName or serve.app.tls, not both", [*REPLICA_TLS, "serve.app.tls.cert_file=/c"]),
+        ("cpuWorkers.replicas + gpuWorkers.replicas must be at least 1", [*REPLICA, "cpuWorkers.replicas=0"]),
+        ("serve.frontend.ingress.cpus must be above 0", [*REPLICA, "serve.frontend.ingress.cpus=0"]),
+    ]  # fmt: skip
+    for message, sets in cases:
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            render(helm, *sets)
+        assert message.replace("'", '"') in failed.value.stderr, failed.value.stderr
 
 
 # --------------------------------------------------------------------------- the CRD schema
@@ -655,7 +688,7 @@ def test_dockerfile_builds_what_the_chart_and_pyproject_pin() -> None:
     )
 
 
-@pytest.mark.parametrize("mode", ["haproxy", "direct", "proxy"])
+@pytest.mark.parametrize("mode", ["haproxy", "replica", "direct", "proxy"])
 def test_every_ray_container_gets_the_ingress_environment_of_its_app(helm: str, mode: str) -> None:
     """Serve reads direct ingress and HAProxy from the Ray processes' environment only: each Ray
     container carries exactly what ``ingress_environment`` derives from the rendered app args."""
@@ -670,3 +703,172 @@ def test_every_ray_container_gets_the_ingress_environment_of_its_app(helm: str, 
     for container in ray_containers(rayservice):
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert {name: env.get(name) for name in wanted} == wanted, container["name"]
+
+
+# --------------------------------------------------------------------------- grpc_ingress replica, TLS
+
+
+def worker_pods(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    return [group["template"] for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [REPLICA, [*REPLICA, "cpuWorkers.replicas=3", "gpuWorkers.replicas=2"], REPLICA_TLS, REPLICA_MTLS],
+    ids=["plaintext", "five-workers", "tls", "mtls"],
+)
+def test_replica_ingress_renders_a_proxyless_serve_config_with_one_ingress_per_worker_pod(
+    helm: str, rayservice_validator: jsonschema.protocols.Validator, sets: list[str]
+) -> None:
+    """Serve runs no proxy and no gRPC listener of its own (it would share grpc.port with the
+    ingress replicas' servers); one ingress replica lands on each worker pod; the app gets TLS
+    files under the Secret's mount; the gRPC Service takes worker pods by their readiness."""
+    from ray.serve.config import ProxyLocation
+    from ray.serve.schema import ServeDeploySchema
+
+    documents = render(helm, *sets)
+    rayservice = one(documents, "RayService")
+    assert schema_errors(rayservice_validator, rayservice) == []
+    raw = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert "grpc_options" not in raw and "http_options" not in raw
+    serve_config = ServeDeploySchema.model_validate(raw)
+    assert serve_config.proxy_location == ProxyLocation.Disabled
+    (application,) = serve_config.applications
+    deployments = {d.name: d for d in application.deployments}
+    groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert deployments["ingress"].num_replicas == sum(group["replicas"] for group in groups)
+    assert deployments["ingress"].max_replicas_per_node == 1
+    assert deployments["ingress"].ray_actor_options.num_cpus > 0, "the head advertises 0 CPUs"
+
+    config = AppConfig.model_validate(application.args)
+    settings = config.grpc_server_settings()
+    assert config.grpc_ingress == "replica" and settings is not None and settings.port == config.grpc_port
+    tls_on = GRPC_TLS_SECRET in " ".join(sets)
+    if not tls_on:
+        assert config.tls is None
+    else:
+        assert settings.tls == config.tls and config.tls is not None
+        assert config.tls.cert_file == f"{GRPC_TLS_DIR}/tls.crt"
+        assert config.tls.key_file == f"{GRPC_TLS_DIR}/tls.key"
+        mtls = "grpc.tls.clientCaKey=ca.crt" in sets
+        assert config.tls.client_ca_file == (f"{GRPC_TLS_DIR}/client-ca.crt" if mtls else "")
+
+    for pod in worker_pods(rayservice):
+        probe = pod["spec"]["containers"][0]["readinessProbe"]
+        # The kubelet's gRPC probe speaks plaintext: against a TLS port it could never pass.
+        port = {"port": config.grpc_port}
+        expected = {"tcpSocket": port} if tls_on else {"grpc": port}
+        assert {key: probe[key] for key in ("grpc", "tcpSocket") if key in probe} == expected
+    selector = one(documents, "Service", f"{RELEASE}-tokenline-grpc")["spec"]["selector"]
+    assert "ray.io/serve" not in selector and selector["ray.io/node-type"] == "worker"
+    own_labels = {k: v for k, v in selector.items() if k != "ray.io/node-type"}  # KubeRay adds node-type
+    for pod in worker_pods(rayservice):
+        assert own_labels.items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("sets", [REPLICA_TLS, REPLICA_MTLS], ids=["tls", "mtls"])
+def test_every_ray_container_mounts_the_grpc_tls_secret_read_only(helm: str, sets: list[str]) -> None:
+    rayservice = one(render(helm, *sets), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"], *worker_pods(rayservice)]
+    items = [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]
+    if "grpc.tls.clientCaKey=ca.crt" in sets:
+        items.append({"key": "ca.crt", "path": "client-ca.crt"})
+    for pod in pods:
+        volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+        secret = {"secretName": GRPC_TLS_SECRET, "items": items}
+        assert volumes["grpc-tls"] == {"name": "grpc-tls", "secret": secret}
+    assert len(ray_containers(rayservice)) == 3, "head and both worker groups"
+    for container in ray_containers(rayservice):
+        mount = {"name": "grpc-tls", "mountPath": GRPC_TLS_DIR, "readOnly": True}
+        assert mount in container["volumeMounts"], container["name"]
+
+
+def test_plaintext_and_haproxy_renders_mount_no_grpc_tls(
+    default_render: list[dict[str, Any]], helm: str
+) -> None:
+    for documents in (default_render, render(helm, *REPLICA)):
+        rayservice = one(documents, "RayService")
+        assert "tls" not in app_args(rayservice)
+        for container in ray_containers(rayservice):
+            assert all(mount["name"] != "grpc-tls" for mount in container["volumeMounts"])
+
+
+def project_secret(volume: dict[str, Any], secret_data: dict[str, bytes], directory: Path) -> None:
+    """What the kubelet does with a secret volume: each item's key written under its path."""
+    for item in volume["secret"]["items"]:
+        (directory / item["path"]).write_bytes(secret_data[item["key"]])
+
+
+@pytest.mark.parametrize("sets", [REPLICA_TLS, REPLICA_MTLS], ids=["tls", "mtls"])
+def test_rendered_tls_files_serve_grpc_to_a_client_that_trusts_the_ca(
+    helm: str, tmp_path: Path, sets: list[str]
+) -> None:
+    """A kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) projected as the rendered volume says,
+    read by the ingress's own loader (server_credentials) at the paths the app args name: a real
+    gRPC server on loopback answers grpc.health.v1 to a client that trusts the CA (and, for mTLS,
+    presents a certificate), and refuses a plaintext client, as the kubelet's gRPC probe is."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from services.ingress.grpc_server import server_credentials
+
+    rayservice = one(render(helm, *sets), "RayService")
+    config = AppConfig.model_validate({**app_args(rayservice), "redis_url": "redis://x"})
+    assert config.tls is not None
+    certificates = make_certificates(tmp_path)
+    secret_data = {"tls.crt": certificates.cert.read_bytes(), "tls.key": certificates.key.read_bytes()}
+    secret_data["ca.crt"] = certificates.ca.read_bytes()
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    (volume,) = [v for v in worker_pods(rayservice)[0]["spec"]["volumes"] if v["name"] == "grpc-tls"]
+    project_secret(volume, secret_data, mounted)
+    local_tls = config.tls.model_copy(
+        update={
+            field: str(mounted / Path(path).relative_to(GRPC_TLS_DIR))
+            for field, path in config.tls.model_dump().items()
+            if path
+        }
+    )
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(local_tls))
+    server.start()
+    try:
+        ca = certificates.ca.read_bytes()
+        if local_tls.client_ca_file:  # the server certificate doubles as a client one: the same CA signed it
+            trusted = grpc.ssl_channel_credentials(ca, secret_data["tls.key"], secret_data["tls.crt"])
+        else:
+            trusted = grpc.ssl_channel_credentials(ca)
+        request = health_pb2.HealthCheckRequest(service="")
+        with grpc.secure_channel(f"localhost:{port}", trusted) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        refused = [grpc.insecure_channel(f"localhost:{port}")]
+        if local_tls.client_ca_file:
+            refused.append(grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca)))
+        for channel in refused:
+            with channel, pytest.raises(grpc.RpcError) as failed:
+                health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=None)
+
+
+def install_notes(helm: str, *sets: str) -> str:
+    command = [helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    for assignment in sets:
+        command += ["--set", assignment]
+    rendered = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return rendered.split("\nNOTES:\n", 1)[1]
+
+
+def test_install_notes_call_the_tls_port_with_the_ca(helm: str) -> None:
+    tls_call = "tokenline generate --target localhost:50051 --ca ca.pem"
+    assert tls_call in install_notes(helm, *REPLICA_TLS)
+    plaintext = install_notes(helm)
+    assert "--ca" not in plaintext and "tokenline generate --target 127.0.0.1:50051" in plaintext
+    assert "grpcurl -cacert -cert -key" in install_notes(helm, *REPLICA_MTLS)

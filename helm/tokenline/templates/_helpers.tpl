@@ -155,20 +155,120 @@ app.kubernetes.io/component: redis
     - until redis-cli -h {{ include "tokenline.redisName" . }} -p {{ int .Values.redis.port }} ping | grep -q PONG; do echo waiting for redis; sleep 2; done
 {{- end -}}
 
-{{/* The Serve config file (same schema as cluster/serve-config.yaml), as YAML. */}}
+{{/* How gRPC calls reach the ingress replicas (AppConfig.grpc_ingress). The chart writes it
+     into the app args as well, so that the app and the Ray environment never disagree
+     (AppConfig's own default is "replica", the chart's "haproxy"). */}}
+{{- define "tokenline.grpcIngress" -}}
+{{- .Values.serve.app.grpc_ingress | default "haproxy" -}}
+{{- end -}}
+
+{{/* Where grpc.tls.secretName is mounted in every Ray container. */}}
+{{- define "tokenline.grpcTlsDir" -}}
+/etc/tokenline/grpc-tls
+{{- end -}}
+
+{{/* "true" when the gRPC port serves TLS (grpc.tls.secretName, or tls set in serve.app with
+     files mounted some other way); fails on TLS with a mode whose gRPC server has none. */}}
+{{- define "tokenline.grpcTlsOn" -}}
+{{- if and .Values.grpc.tls.secretName .Values.serve.app.tls -}}
+{{- fail "set grpc.tls.secretName or serve.app.tls, not both (the chart fills serve.app.tls from the Secret)" -}}
+{{- end -}}
+{{- if or .Values.grpc.tls.secretName .Values.serve.app.tls -}}
+{{- $mode := include "tokenline.grpcIngress" . -}}
+{{- if ne $mode "replica" -}}
+{{- fail (printf "TLS (grpc.tls.secretName or serve.app.tls) needs serve.app.grpc_ingress replica, got %q: with the other modes Ray Serve's gRPC servers (HAProxy, its proxy, direct ingress) face the clients, and they have no TLS" $mode) -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The app's tls setting for grpc.tls.secretName: the files where the Secret is mounted. */}}
+{{- define "tokenline.grpcTlsArgs" -}}
+{{- $dir := include "tokenline.grpcTlsDir" . -}}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) -}}
+{{- if .Values.grpc.tls.clientCaKey -}}
+{{- $_ := set $tls "client_ca_file" (printf "%s/client-ca.crt" $dir) -}}
+{{- end -}}
+{{- toYaml $tls -}}
+{{- end -}}
+
+{{- define "tokenline.grpcTlsVolume" -}}
+{{- if and .Values.grpc.tls.secretName (include "tokenline.grpcTlsOn" .) -}}
+- name: grpc-tls
+  secret:
+    secretName: {{ .Values.grpc.tls.secretName }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- with .Values.grpc.tls.clientCaKey }}
+      - key: {{ . }}
+        path: client-ca.crt
+      {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{- define "tokenline.grpcTlsMount" -}}
+{{- if .Values.grpc.tls.secretName -}}
+- name: grpc-tls
+  mountPath: {{ include "tokenline.grpcTlsDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* Number of worker pods (both groups): with grpc_ingress replica, one ingress replica each. */}}
+{{- define "tokenline.workerPods" -}}
+{{- add (int .Values.cpuWorkers.replicas) (int .Values.gpuWorkers.replicas) -}}
+{{- end -}}
+
+{{/* The Serve config file (same schema as cluster/serve-config.yaml), as YAML.
+     grpc_ingress replica: Serve runs no proxy (proxy_location Disabled) and gets no
+     grpc_options (its gRPC listeners would share grpc.port with the ingress replicas'
+     servers); the ingress deployment runs one replica on every worker pod, so that every
+     worker pod answers on grpc.port: num_replicas = worker pods, max_replicas_per_node 1
+     (Ray Serve's per-deployment limit of replicas per node). Ingress replicas need CPUs to
+     stay off the head, which advertises none (head.rayStartParams num-cpus "0"). */}}
 {{- define "tokenline.serveConfig" -}}
+{{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $args := deepCopy .Values.serve.app -}}
 {{- $_ := set $args "app_name" .Values.serve.appName -}}
 {{- $_ := set $args "grpc_port" (int .Values.grpc.port) -}}
+{{- $_ := set $args "grpc_ingress" $mode -}}
 {{- $_ := set $args "redis_url" (include "tokenline.redisUrl" .) -}}
+{{- if and (include "tokenline.grpcTlsOn" .) .Values.grpc.tls.secretName -}}
+{{- $_ := set $args "tls" (include "tokenline.grpcTlsArgs" . | fromYaml) -}}
+{{- else if not $args.tls -}}
+{{- $_ := unset $args "tls" -}}
+{{- end -}}
 {{- $deployments := list -}}
 {{- range $name := list "ingress" "tokenizer" "detokenizer" -}}
 {{- $frontend := index $.Values.serve.frontend $name -}}
-{{- $deployments = append $deployments (dict "name" $name "num_replicas" (int $frontend.replicas) "ray_actor_options" (dict "num_cpus" $frontend.cpus)) -}}
+{{- $deployment := dict "name" $name "num_replicas" (int $frontend.replicas) "ray_actor_options" (dict "num_cpus" $frontend.cpus) -}}
+{{- if and (eq $name "ingress") (eq $mode "replica") -}}
+{{- $pods := include "tokenline.workerPods" $ | int -}}
+{{- if lt $pods 1 -}}
+{{- fail "serve.app.grpc_ingress replica runs one ingress replica per worker pod: cpuWorkers.replicas + gpuWorkers.replicas must be at least 1" -}}
+{{- end -}}
+{{- if le (float64 $frontend.cpus) 0.0 -}}
+{{- fail "serve.frontend.ingress.cpus must be above 0 with serve.app.grpc_ingress replica: it keeps the ingress replicas off the head (num-cpus 0), one on every worker pod" -}}
+{{- end -}}
+{{- $_ := set $deployment "num_replicas" $pods -}}
+{{- $_ := set $deployment "max_replicas_per_node" 1 -}}
+{{- end -}}
+{{- $deployments = append $deployments $deployment -}}
 {{- end -}}
 {{- $application := dict "name" .Values.serve.appName "import_path" "services.app:build_app" "route_prefix" "/" "args" $args "deployments" $deployments -}}
+{{- $logging := dict "encoding" "JSON" "log_level" .Values.serve.logLevel -}}
+{{- $config := dict "logging_config" $logging "applications" (list $application) -}}
+{{- if eq $mode "replica" -}}
+{{- $_ := set $config "proxy_location" "Disabled" -}}
+{{- else -}}
 {{- $grpc := dict "port" (int .Values.grpc.port) "grpc_servicer_functions" (list "services.ingress.registration.add_generation_servicer" "services.ingress.registration.add_health_servicer") -}}
-{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "grpc_options" $grpc "logging_config" (dict "encoding" "JSON" "log_level" .Values.serve.logLevel) "applications" (list $application) -}}
+{{- $_ := set $config "proxy_location" "EveryNode" -}}
+{{- $_ := set $config "http_options" (dict "host" "0.0.0.0" "port" 8000) -}}
+{{- $_ := set $config "grpc_options" $grpc -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -187,6 +287,9 @@ volumes:
   - name: ray-logs
     emptyDir: {}
   {{- with include "tokenline.redisCaVolume" . }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- with include "tokenline.grpcTlsVolume" . }}
   {{- . | nindent 2 }}
   {{- end }}
   {{- with .Values.extraVolumes }}
@@ -218,6 +321,9 @@ volumeMounts:
   {{- with include "tokenline.redisCaMount" . }}
   {{- . | nindent 2 }}
   {{- end }}
+  {{- with include "tokenline.grpcTlsMount" . }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -231,11 +337,13 @@ lifecycle:
 {{/* How gRPC calls reach the ingress replicas (AppConfig.grpc_ingress; the same variables
      services.server.ingress_environment sets for `tokenline serve`). "haproxy" (default):
      every ingress replica serves gRPC itself from grpc.port+1 on, and HAProxy, which Serve
-     starts in every Ray pod, listens on grpc.port. "proxy": Serve's Python gRPC proxy. */}}
+     starts in every Ray pod, listens on grpc.port. "proxy": Serve's Python gRPC proxy.
+     "replica": the ingress replicas' own servers on grpc.port; Serve's direct ingress and
+     HAProxy stay off. */}}
 {{- define "tokenline.ingressEnv" -}}
-{{- $mode := .Values.serve.app.grpc_ingress | default "haproxy" -}}
+{{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $port := int .Values.grpc.port -}}
-{{- if eq $mode "proxy" }}
+{{- if or (eq $mode "proxy") (eq $mode "replica") }}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
   value: "0"
 - name: RAY_SERVE_ENABLE_HA_PROXY
