@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from services.detokenizer.follower import RequestText
 from services.detokenizer.token_texts import TokenTexts
+from services.errors import QueueUnavailableError
 from services.messages import FinishReason, TextDelta, TokenChunk
 from services.queue.detokenizer_queue import Assignment, DetokenizerQueue
 from services.queue.output_stream import OutputCursor, advance
@@ -87,7 +88,12 @@ class DetokenizerStage:
         read = self._queue.read(cursors, self._assignments_after, block_ms)
         self._assignments_waiting = self._assignments_waiting or read.assignments_waiting
         for request_id, entries in read.chunks.items():
-            self._render(request_id, entries)
+            try:
+                self._render(request_id, entries)
+            except QueueUnavailableError:
+                raise
+            except Exception as error:  # one bad request must not stop the others
+                self._fail(request_id, error)
         self._flush()
 
     def hand_back(self) -> int:
@@ -121,29 +127,51 @@ class DetokenizerStage:
             self._queue.cancel(model, request_id)  # the client's text is complete; stop the engine
             self._stops.pop()
 
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """End one request with an error the client sees (ABORTED) and let the others go on:
+        otherwise a request that cannot be rendered would stop this replica's loop, and then
+        every replica that takes it over, again and again."""
+        logger.exception("detokenizing a request failed", extra={"request_id": request_id})
+        owned = self._owned.pop(request_id, None)
+        if owned is not None:
+            self._release.append(owned.entry_id)
+        failed = f"detokenizer: {type(error).__name__}"
+        self._outbox.append(TextDelta(request_id, finish_reason=FinishReason.ERROR, error=failed))
+
     def _adopt(self, assignments: list[Assignment]) -> None:
         for assignment in assignments:
-            request = assignment.request
-            tokenizer = self._tokenizers.get(request.model) if request is not None else None
-            if request is None or tokenizer is None or assignment.finished:
-                if request is not None and tokenizer is None:
-                    self._outbox.append(_unknown_model(request.request_id))
+            try:
+                self._adopt_one(assignment)
+            except QueueUnavailableError:
+                raise
+            except Exception as error:  # see _fail
+                if assignment.request is None:
+                    raise
                 self._release.append(assignment.entry_id)
-                continue
-            if request.request_id in self._owned:
-                continue
-            token_texts = self._token_texts.get(request.model)
-            if token_texts is None:
-                token_texts = self._token_texts[request.model] = TokenTexts(tokenizer)
-            text = RequestText(tokenizer, request, assignment.next_text_index, token_texts)
-            self._owned[request.request_id] = _Owned(
-                assignment.entry_id, text, OutputCursor(request.request_id)
+                self._fail(assignment.request.request_id, error)
+
+    def _adopt_one(self, assignment: Assignment) -> None:
+        request = assignment.request
+        tokenizer = self._tokenizers.get(request.model) if request is not None else None
+        if request is None or tokenizer is None or assignment.finished:
+            if request is not None and tokenizer is None:
+                self._outbox.append(_unknown_model(request.request_id))
+            self._release.append(assignment.entry_id)
+            return
+        if request.request_id in self._owned:
+            return
+        token_texts = self._token_texts.get(request.model)
+        if token_texts is None:
+            token_texts = self._token_texts[request.model] = TokenTexts(tokenizer)
+        text = RequestText(tokenizer, request, assignment.next_text_index, token_texts)
+        self._owned[request.request_id] = _Owned(
+            assignment.entry_id, text, OutputCursor(request.request_id)
+        )
+        if assignment.next_text_index:
+            logger.info(
+                "request taken over",
+                extra={"request_id": request.request_id, "text_tokens": assignment.next_text_index},
             )
-            if assignment.next_text_index:
-                logger.info(
-                    "request taken over",
-                    extra={"request_id": request.request_id, "text_tokens": assignment.next_text_index},
-                )
 
     def _renew(self) -> None:
         entry_to_request = {owned.entry_id: rid for rid, owned in self._owned.items()}
