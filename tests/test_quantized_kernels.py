@@ -181,5 +181,5 @@ def test_an_embedding_target_is_refused_unless_weight_only_int8_per_channel() ->
         "strategy": "group",
         "group_size": 32,
     }
-    with pytest.raises(InvalidParameterError, match="quantization_config.targets"):
+    with pytest.raises(InvalidParameterError, match=r"quantization_config\.targets"):
         scheme_from_config({"quantization_config": config})
