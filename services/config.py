@@ -392,6 +392,9 @@ class GateThresholds(BaseModel):
 
 DEFAULT_GATES: dict[str, GateThresholds] = {
     "int8": GateThresholds(max_perplexity_ratio=1.01, min_top1_agreement=0.97, max_demo_accuracy_drop=1.0),
+    "int8-all": GateThresholds(
+        max_perplexity_ratio=1.01, min_top1_agreement=0.97, max_demo_accuracy_drop=1.0
+    ),
     "w8a8": GateThresholds(max_perplexity_ratio=1.02, min_top1_agreement=0.95, max_demo_accuracy_drop=1.0),
     "int4": GateThresholds(max_perplexity_ratio=1.05, min_top1_agreement=0.90, max_demo_accuracy_drop=3.0),
 }

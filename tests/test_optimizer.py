@@ -17,6 +17,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.models import load_model
 from services.engine.models.quantized import Int4Linear, Int8WeightOnlyLinear, W8A8Linear
+from services.engine.models.quantized_vocab import Int8Embedding
 from services.errors import InvalidParameterError
 from services.messages import SamplingParams
 from services.optimizer.gate import run_gate
@@ -27,7 +28,12 @@ from services.optimizer.scoring import sequence_logits
 from services.optimizer.writer import quantize_checkpoint, write_dequantized, write_variant
 from services.queue.registry import VariantRegistry
 
-KERNELS = {"int8": Int8WeightOnlyLinear, "w8a8": W8A8Linear, "int4": Int4Linear}
+KERNELS = {
+    "int8": Int8WeightOnlyLinear,
+    "int8-all": Int8WeightOnlyLinear,
+    "w8a8": W8A8Linear,
+    "int4": Int4Linear,
+}
 PROMPTS = ("12+35=", "Count: 3 7 11", "40+2=")
 CPU = torch.device("cpu")
 
@@ -76,6 +82,9 @@ def test_engine_serves_the_variant_with_native_kernels_and_matches_it_dequantize
     quantized_model, _ = load_model(variants[recipe], CPU, torch.float32)
     assert isinstance(quantized_model.layers[0].self_attn.qkv_proj, KERNELS[recipe])
     assert isinstance(quantized_model.layers[0].mlp.gate_up_proj, KERNELS[recipe])
+    vocab_quantized = RECIPES[recipe].scheme.quantizes_vocab  # int8-all: table and (untied) head int8
+    assert isinstance(quantized_model.embed_tokens, Int8Embedding) == vocab_quantized
+    assert isinstance(quantized_model.lm_head, Int8WeightOnlyLinear) == vocab_quantized
     dense_model, _ = load_model(dense, CPU, torch.float32)
     sequences = demo_sequences(demo_model_dir)[:16]  # ~170 positions
     _assert_logits_close(
@@ -130,6 +139,17 @@ def test_gate_passes_int8_and_refuses_a_variant_with_corrupted_scales(
     assert "top1_agreement" in report.failed_figures  # measured: 0.9 and a mean KL 25x the intact one's
     assert report.figures["mean_kl"] > 10 * good.figures["mean_kl"]
     assert "FAILED (" in report.table() and "top1_agreement" in report.table().splitlines()[-1]
+
+
+def test_gate_passes_int8_all_on_the_demo_model(variants: dict[str, Path], demo_model_dir: Path) -> None:
+    sequences = demo_sequences(demo_model_dir)
+    report = run_gate(
+        "int8-all", demo_model_dir, variants["int8-all"], sequences, DEFAULT_GATES["int8-all"], 40
+    )
+    assert report.passed, report.table()
+    assert {"perplexity_ratio", "top1_agreement", "demo_accuracy_drop_points"} <= {
+        check.figure for check in report.checks
+    }
 
 
 def test_gate_fails_a_variant_the_engine_cannot_load(

@@ -6,13 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.models.compressed import QuantizedWeight, pack_codes, scheme_from_config, unpack_codes
+from services.engine.models.compressed import (
+    QuantizedWeight,
+    pack_codes,
+    quantization_config,
+    scheme_from_config,
+    unpack_codes,
+)
 from services.engine.models.quantized import (
     Int4Linear,
     Int8WeightOnlyLinear,
     W8A8Linear,
     quantize_per_token,
 )
+from services.engine.models.quantized_vocab import Int8Embedding
 from services.errors import InvalidParameterError
 from services.optimizer.recipes import RECIPES, get_recipe
 
@@ -123,3 +130,56 @@ def test_unsupported_quantization_configs_are_refused_with_the_field_named() -> 
     with pytest.raises(InvalidParameterError, match="symmetric"):
         scheme_from_config({"quantization_config": asymmetric})
     assert scheme_from_config({}) is None
+
+
+def _table(vocab: int, hidden: int = 64, seed: int = 4) -> QuantizedWeight:
+    """An int8-all embedding table with rows of very different magnitudes (as real tables have)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(vocab, hidden, generator=generator) * torch.rand(vocab, 1, generator=generator) * 3
+    return RECIPES["int8-all"].quantize(rows)
+
+
+def test_int8_all_quantizes_the_table_with_one_scale_per_vocab_row() -> None:
+    table = _table(300)
+    assert table.codes.dtype == torch.int8 and table.scale.shape == (300, 1)
+    # Each row's largest magnitude maps to the largest code, whatever the row's scale.
+    assert (table.codes.abs().amax(dim=1) == 127).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_embedding_returns_the_dequantized_rows_of_the_tokens(dtype: torch.dtype) -> None:
+    table = _table(300)
+    ids = torch.tensor([[0, 299, 5, 5], [17, 1, 2, 3]])  # repeats and both ends of the vocabulary
+    rows = Int8Embedding(table, dtype)(ids)
+    assert rows.dtype == dtype and rows.shape == (2, 4, 64)
+    # code * scale in float32, as the dense table holds it: exact, then rounded to the engine dtype.
+    assert torch.equal(rows, torch.nn.functional.embedding(ids, table.dequantize()).to(dtype))
+
+
+@pytest.mark.parametrize("vocab", [300, 1014, 49152])  # tiny test models, the demo model, SmolLM2
+def test_int8_lm_head_logits_match_a_float_matmul_on_the_dequantized_table(vocab: int) -> None:
+    table = _table(vocab)
+    hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    logits = Int8WeightOnlyLinear(table, None, torch.float32)(hidden)
+    expected = hidden @ table.dequantize().T
+    assert logits.shape == (5, vocab)
+    assert _relative_error(logits, expected) < 1e-2  # bfloat16 activations inside the kernel
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8-all", "w8a8", "int4"])
+def test_every_recipe_scheme_survives_its_config_json_entry(recipe: str) -> None:
+    scheme = RECIPES[recipe].scheme
+    assert scheme_from_config({"quantization_config": quantization_config(scheme)}) == scheme
+
+
+def test_an_embedding_target_is_refused_unless_weight_only_int8_per_channel() -> None:
+    config = quantization_config(RECIPES["int8-all"].scheme)
+    config["config_groups"]["group_0"]["weights"] = {
+        **config["config_groups"]["group_0"]["weights"],
+        "num_bits": 4,
+        "strategy": "group",
+        "group_size": 32,
+    }
+    with pytest.raises(InvalidParameterError, match=r"quantization_config\.targets"):
+        scheme_from_config({"quantization_config": config})

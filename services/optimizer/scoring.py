@@ -21,7 +21,7 @@ def sequence_logits(model: LlamaFamilyModel, token_ids: list[int]) -> torch.Tens
     spec = model.spec
     num_tokens = len(token_ids)
     num_blocks = -(-num_tokens // _BLOCK_SIZE)
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.norm.weight.dtype  # the engine's dtype (an int8 embedding table has no float weight)
     shape = (spec.num_kv_heads, num_blocks, _BLOCK_SIZE, spec.head_dim)
     caches = [
         (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(spec.num_layers)

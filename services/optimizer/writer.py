@@ -1,8 +1,10 @@
 """Source checkpoint + recipe -> a variant directory in the compressed-tensors layout.
 
-Every ``*_proj`` linear of the decoder layers is quantized; embeddings, norms and
-``lm_head`` are copied in the source dtype. Tokenizer and generation files are
-copied as they are, so the variant is a complete Hugging Face checkpoint.
+Every ``*_proj`` linear of the decoder layers is quantized; norms are copied in the
+source dtype, and so are the embeddings and ``lm_head`` unless the recipe's scheme
+quantizes the vocabulary matrices (``int8-all``: see ``services.engine.models.compressed``
+for how a tied ``lm_head`` is written). Tokenizer and generation files are copied as
+they are, so the variant is a complete Hugging Face checkpoint.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from services.engine.models.compressed import QuantizedWeight, encode, quantization_config
+from services.engine.models.compressed import QuantizedWeight, QuantScheme, encode, quantization_config
 from services.errors import InvalidParameterError
 from services.optimizer.recipes import Recipe
 
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+EMBEDDING, LM_HEAD = "model.embed_tokens", "lm_head"  # the vocabulary matrices (modules, no ".weight")
 _WEIGHT_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _SKIPPED_FILES = {_WEIGHT_FILE, _INDEX_FILE, "config.json"}
@@ -49,12 +52,25 @@ def is_quantized_linear(name: str) -> bool:
     return bool(_LINEAR.match(name))
 
 
+def is_quantized(name: str, scheme: QuantScheme) -> bool:
+    """Whether the checkpoint tensor ``name`` (``X.weight``) is quantized under ``scheme``."""
+    vocab = scheme.quantizes_vocab and name in (f"{EMBEDDING}.weight", f"{LM_HEAD}.weight")
+    return vocab or is_quantized_linear(name)
+
+
+def is_tied(config: dict[str, Any]) -> bool:
+    return config.get("tie_word_embeddings") is True  # the engine's default too (spec.py)
+
+
 def quantize_checkpoint(source: Path, recipe: Recipe, progress: Progress | None = None) -> dict[str, Any]:
     """Quantize in memory: HF module name (no ``.weight``) -> QuantizedWeight, other names -> tensor."""
     tensors = list(source_tensors(source))
+    if recipe.scheme.quantizes_vocab and is_tied(json.loads((source / "config.json").read_text())):
+        # A tied checkpoint may carry a copy of the table as lm_head: the variant ties to the codes.
+        tensors = [(name, tensor) for name, tensor in tensors if name != f"{LM_HEAD}.weight"]
     result: dict[str, Any] = {}
     for done, (name, tensor) in enumerate(tensors, start=1):
-        if is_quantized_linear(name):
+        if is_quantized(name, recipe.scheme):
             result[name.removesuffix(".weight")] = recipe.quantize(tensor)
         else:
             result[name] = tensor
@@ -75,6 +91,9 @@ def write_variant(source: Path, quantized: dict[str, Any], recipe: Recipe, out_d
             tensors.update(encode(name, value, recipe.scheme, dtype))
         else:
             tensors[name] = value.contiguous()
+    if recipe.scheme.quantizes_vocab and is_tied(config):
+        # transformers ties lm_head.weight to the embedding's codes and reads lm_head's own scale.
+        tensors[f"{LM_HEAD}.weight_scale"] = tensors[f"{EMBEDDING}.weight_scale"].clone()
     save_file(tensors, str(out_dir / _WEIGHT_FILE), metadata={"format": "pt"})
     config["quantization_config"] = quantization_config(recipe.scheme)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -84,7 +103,7 @@ def write_variant(source: Path, quantized: dict[str, Any], recipe: Recipe, out_d
 
 
 def _source_dtype(quantized: dict[str, Any]) -> torch.dtype:
-    """The dtype of the unquantized tensors (embeddings): scales are stored in it too."""
+    """The dtype of the unquantized tensors (embeddings or norms): scales are stored in it too."""
     for value in quantized.values():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.dtype
@@ -105,8 +124,8 @@ def write_dequantized(variant: Path, out_dir: Path) -> None:
         module = name.removesuffix(".weight_packed").removesuffix(".weight_scale").removesuffix(".weight")
         module = module.removesuffix(".weight_shape")
         names = tensor_names(module, scheme)
-        if is_quantized_linear(f"{module}.weight") and name in names:
-            if name == names[0]:
+        if is_quantized(f"{module}.weight", scheme) and name in names:
+            if name == names[0]:  # (a tied lm_head's lone weight_scale is dropped: the table is it)
                 dense[f"{module}.weight"] = decode(module, {n: raw[n] for n in names}, scheme).dequantize()
         else:
             dense[name] = raw[name].float()

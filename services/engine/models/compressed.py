@@ -9,6 +9,14 @@ row and input group) and, packed only, ``X.weight_shape``. Codes are symmetric
 ``config.json`` says which scheme applies; modules named in ``ignore`` (the
 ``lm_head``) and every non-linear tensor stay in the source dtype.
 
+A scheme may also target ``Embedding``: the embedding table is then int8 codes
+(``model.embed_tokens.weight``) with one scale per vocabulary row, and so is the
+``lm_head``; with tied embeddings the checkpoint holds only ``lm_head.weight_scale``
+(transformers ties ``lm_head.weight`` to the embedding's codes and dequantizes each
+module with its own scale). Such a checkpoint is ``int-quantized``: a packed
+Embedding has no ``weight`` for transformers to initialise or tie (transformers 5.24
+fails to load it), so the codes stay plain int8 for the layers' linears too.
+
 Both the optimizer (writer) and the engine's loader (reader) use this module, so
 the two cannot drift apart.
 """
@@ -24,6 +32,8 @@ import torch
 from services.errors import InvalidParameterError
 
 QUANT_METHOD = "compressed-tensors"
+LINEAR_TARGETS = ("Linear",)
+VOCAB_TARGETS = ("Linear", "Embedding")  # the layers' linears, the embedding table and the lm_head
 INT_FORMAT = "int-quantized"
 PACKED_FORMAT = "pack-quantized"
 FLOAT_FORMAT = "float-quantized"
@@ -55,9 +65,15 @@ class QuantScheme:
     weights: WeightScheme
     dynamic_int8_activations: bool
     ignore: tuple[str, ...]  # Hugging Face module names left in the source dtype
+    targets: tuple[str, ...] = LINEAR_TARGETS  # or VOCAB_TARGETS
 
     def covers(self, module_name: str) -> bool:
         return module_name not in self.ignore
+
+    @property
+    def quantizes_vocab(self) -> bool:
+        """True when the embedding table and the lm_head are int8 too (one scale per vocab row)."""
+        return "Embedding" in self.targets
 
 
 @dataclass(frozen=True)
@@ -113,8 +129,10 @@ def scheme_from_config(config: Mapping[str, Any]) -> QuantScheme | None:
     if not isinstance(groups, Mapping) or len(groups) != 1:
         raise InvalidParameterError("quantization_config.config_groups", groups, "exactly one group")
     group = next(iter(groups.values()))
-    if group.get("targets") != ["Linear"]:
-        raise InvalidParameterError("quantization_config.targets", group.get("targets"), "only ['Linear']")
+    targets = tuple(group.get("targets") or ())
+    if targets not in (LINEAR_TARGETS, VOCAB_TARGETS):
+        expected = f"{list(LINEAR_TARGETS)} or {list(VOCAB_TARGETS)}"
+        raise InvalidParameterError("quantization_config.targets", group.get("targets"), expected)
     weights = group.get("weights") or {}
     if weights.get("type") != "int" or not weights.get("symmetric", False):
         raise InvalidParameterError("quantization_config.weights", weights, "only symmetric int weights")
@@ -123,8 +141,9 @@ def scheme_from_config(config: Mapping[str, Any]) -> QuantScheme | None:
         raise InvalidParameterError("quantization_config.weights.num_bits", num_bits, "only 4 or 8")
     activations = group.get("input_activations")
     # Weight-only schemes are packed into int32 (as llm-compressor writes W4A16/W8A16 and
-    # transformers expects); int8 weights with int8 activations are stored as plain int8.
-    expected_format = PACKED_FORMAT if activations is None else INT_FORMAT
+    # transformers expects); int8 weights with int8 activations, and schemes that cover the
+    # embedding table (see the module docstring), are stored as plain int8.
+    expected_format = PACKED_FORMAT if activations is None and targets == LINEAR_TARGETS else INT_FORMAT
     if fmt != expected_format:
         raise InvalidParameterError("quantization_config.format", fmt, f"this scheme needs {expected_format}")
     group_size = weights.get("group_size") if strategy == "group" else None
@@ -140,12 +159,18 @@ def scheme_from_config(config: Mapping[str, Any]) -> QuantScheme | None:
         raise InvalidParameterError(
             "quantization_config.input_activations", activations, "only dynamic symmetric per-token int8"
         )
+    if targets == VOCAB_TARGETS and (num_bits, strategy, activations) != (8, "channel", None):
+        # The engine serves the embedding table as int8 rows, and only for weight-only schemes.
+        raise InvalidParameterError(
+            "quantization_config.targets", list(targets), "Embedding only with weight-only int8 per channel"
+        )
     ignore = raw.get("ignore") or []
     return QuantScheme(
         format=expected_format,
         weights=WeightScheme(int(num_bits), group_size),
         dynamic_int8_activations=activations is not None,
         ignore=tuple(str(name) for name in ignore),
+        targets=targets,
     )
 
 
@@ -170,18 +195,20 @@ def quantization_config(scheme: QuantScheme) -> dict[str, Any]:
             "dynamic": True,
             "observer": None,
         }
+    group: dict[str, Any] = {
+        "targets": list(scheme.targets),
+        "weights": weights,
+        "input_activations": activations,
+        "output_activations": None,
+    }
+    if scheme.quantizes_vocab:
+        # Without it compressed-tensors infers pack-quantized for weight-only int8 (see module docstring).
+        group["format"] = scheme.format
     return {
         "quant_method": QUANT_METHOD,
         "format": scheme.format,
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations,
-                "output_activations": None,
-            }
-        },
+        "config_groups": {"group_0": group},
         "ignore": list(scheme.ignore),
         "kv_cache_scheme": None,
     }

@@ -99,14 +99,16 @@ class LlamaFamilyModel(nn.Module):
     empty until the loader assigns the checkpoint's tensors.
     """
 
-    lm_head: Linear | None
+    lm_head: nn.Module | None  # a Linear, an int8 linear (quantized vocabulary) or None (tied)
+    embed_tokens: nn.Module  # nn.Embedding, or Int8Embedding for a quantized vocabulary
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.spec = spec
         self.rotary = rotary
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = embed_tokens
         self.layers = nn.ModuleList(DecoderLayer(spec, window) for window in spec.sliding_windows)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, False)
@@ -134,7 +136,7 @@ class LlamaFamilyModel(nn.Module):
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden_size] (rows picked by the caller) -> float32 logits [N, vocab]."""
         if self.lm_head is None:
-            return F.linear(hidden_rows, self.embed_tokens.weight).float()
+            return F.linear(hidden_rows, self.embed_tokens.get_parameter("weight")).float()
         logits: torch.Tensor = self.lm_head(hidden_rows)
         return logits.float()
 

@@ -26,6 +26,7 @@ from services.engine.models.layers import Linear
 from services.engine.models.llama import LlamaFamilyModel, WeightSource, checkpoint_layout
 from services.engine.models.manifest import verify_manifest
 from services.engine.models.quantized import swap_in_quantized
+from services.engine.models.quantized_vocab import swap_in_quantized_vocab
 from services.engine.models.rope import RotaryEmbedding
 from services.engine.models.spec import ModelSpec, spec_from_config
 from services.errors import InvalidParameterError
@@ -66,6 +67,9 @@ def load_model(
         consumed: set[str] = set()
         if scheme is not None:
             layout, consumed = swap_in_quantized(model, layout, scheme, checkpoint, device, dtype)
+        if scheme is not None and scheme.quantizes_vocab:
+            layout, vocab_names = swap_in_quantized_vocab(model, layout, scheme, checkpoint, device, dtype)
+            consumed |= vocab_names
         _check_names(layout, checkpoint, spec, model_dir, consumed)
         state = {
             name: _assemble(
@@ -74,11 +78,11 @@ def load_model(
             for name, source in layout.items()
         }
     model.load_state_dict(state, strict=True, assign=True)
-    if spec.tie_word_embeddings and linear_dtype != dtype:
+    if spec.tie_word_embeddings and model.lm_head is None and linear_dtype != dtype:
         # The tied output projection reads the embedding table: give it a float32 copy.
         model.lm_head = Linear(spec.hidden_size, spec.vocab_size, False)
         model.lm_head.weight = torch.nn.Parameter(
-            model.embed_tokens.weight.to(linear_dtype), requires_grad=False
+            model.embed_tokens.get_parameter("weight").to(linear_dtype), requires_grad=False
         )
     model.eval()
     logger.info(

@@ -2,7 +2,8 @@
 
 Recipes are plain PyTorch. Quantization is symmetric round-to-nearest with the
 scale chosen so that the largest magnitude of a row (or a row's group) maps to
-the largest code; embeddings and ``lm_head`` are never touched.
+the largest code; embeddings and ``lm_head`` are left alone unless the recipe's scheme targets
+``Embedding`` (``int8-all``).
 """
 
 from __future__ import annotations
