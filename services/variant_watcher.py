@@ -34,6 +34,7 @@ from services.config import AppConfig
 from services.errors import TokenlineError
 from services.queue.registry import VariantEntry, VariantRegistry, variant_model_config
 from services.queue.served_variants import ServedVariant, ServedVariantsStore
+from services.serve_logs import route_to_serve_logs
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def variant_app_name(app_name: str, variant: str) -> str:
 
 class VariantWatcher:
     def __init__(self, app_config: AppConfig) -> None:
+        route_to_serve_logs()  # our records in this replica's Serve log
         self._config = app_config
         self._own = {model.name for model in app_config.models}  # deployed with the app itself
         prefix = app_config.queue.key_prefix

@@ -26,6 +26,7 @@ from services.queue import QueueConfig
 from services.queue.detokenizer_queue import DetokenizerQueue
 from services.queue.outage import Backoff
 from services.queue.served_variants import ServedVariantsSource
+from services.serve_logs import route_to_serve_logs
 from services.tokenizer.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class DetokenizerService:
         queue_config: QueueConfig,
         served_variants: ServedVariantsSource | None = None,
     ) -> None:
+        route_to_serve_logs()  # our records in this replica's Serve log
         own = {name: PromptTokenizer(path) for name, path in model_paths.items()}
         tokenizers = ServedTokenizers(own, served_variants.sync_view() if served_variants else None)
         self._queue = DetokenizerQueue(redis_url, queue_config)

@@ -44,6 +44,7 @@ from services.metrics.engine import EngineMetrics, EngineSample
 from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
 from services.queue.outage import Backoff
 from services.queue.step_writer import OutputWriter
+from services.serve_logs import route_to_serve_logs
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class EngineReplica:
         stall_after_s: float = 30.0,
         drain_s: float = 10.0,
     ) -> None:
+        route_to_serve_logs()  # our records in this replica's Serve log
         torch.set_num_threads(num_threads)
         self.model_name = model_name
         self.engine = make_engine(engine_config)

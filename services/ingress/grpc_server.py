@@ -46,26 +46,60 @@ class IngressBindError(RuntimeError):
     """The gRPC port could not be bound (taken by a process that does not share it)."""
 
 
+class _AccessLog:
+    """One line per call in the replica's log (Serve writes such a line for the calls it
+    serves): RPC, status, duration; a refusal's details name the field, never its text."""
+
+    def __init__(self, rpc: str) -> None:
+        self._rpc = rpc
+        self._started = time.monotonic()
+
+    def _ms(self) -> float:
+        return round((time.monotonic() - self._started) * 1000, 1)
+
+    def ok(self) -> None:
+        logger.info("CALL %s OK %.1fms", self._rpc, self._ms())
+
+    def refused(self, error: RpcError) -> None:
+        logger.warning("CALL %s %s %.1fms: %s", self._rpc, error.code.name, self._ms(), error.details)
+
+    def ended_early(self) -> None:
+        logger.info("CALL %s CANCELLED %.1fms", self._rpc, self._ms())
+
+
 def _unary(method: _Unary) -> _Unary:
     """A grpc.aio handler that ends the call with the status an ``RpcError`` carries
     (grpc.aio turns any other exception into UNKNOWN)."""
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        log = _AccessLog(method.__name__)
         try:
-            return await method(raw, context)
+            response = await method(raw, context)
         except RpcError as error:
+            log.refused(error)
             await context.abort(error.code, error.details)
+        except asyncio.CancelledError:
+            log.ended_early()
+            raise
+        log.ok()
+        return response
 
     return handle
 
 
 def _streaming(method: _Streaming) -> _Streaming:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        log = _AccessLog(method.__name__)
         try:
             async for message in method(raw, context):
                 yield message
         except RpcError as error:
+            log.refused(error)
             await context.abort(error.code, error.details)
+        except (asyncio.CancelledError, GeneratorExit):
+            log.ended_early()
+            raise
+        log.ok()
 
     return handle
 

@@ -44,6 +44,7 @@ from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
 from services.queue.keys import QueueKeys
 from services.queue.served_variants import LiveVariants
+from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
 from services.tokenizer.service import Encoded
 
@@ -80,6 +81,7 @@ class IngressService:
         variant_watcher: Any = None,
         server: GrpcServerSettings | None = None,
     ) -> None:
+        route_to_serve_logs()  # our records in this replica's Serve log
         self._config = config
         self._queue = QueueClient(redis_url, config.queue)
         self._auth = Authenticator(redis_url, config.queue.key_prefix, cache_ttl_s=config.auth.cache_ttl_s)

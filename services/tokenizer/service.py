@@ -17,6 +17,7 @@ from ray import serve
 
 from services.errors import InvalidParameterError, ModelNotFoundError
 from services.queue.served_variants import LiveVariants, ServedVariant, ServedVariantsSource
+from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
 from services.tokenizer.tokenizer import PromptTokenizer
 
@@ -46,6 +47,7 @@ class TokenizerService:
         """``max_model_lens``: each model's configured engine context limit (None: the model's
         own), so that the ingress refuses a prompt the engine could not run. ``served_variants``:
         where to look up variants published while the app runs (None: only ``model_paths``)."""
+        route_to_serve_logs()  # our records in this replica's Serve log
         limits = max_model_lens or {}
         self._tokenizers = {
             name: PromptTokenizer(path, limits.get(name)) for name, path in model_paths.items()
