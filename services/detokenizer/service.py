@@ -46,6 +46,7 @@ class DetokenizerService:
         route_to_serve_logs()  # our records in this replica's Serve log
         own = {name: PromptTokenizer(path) for name, path in model_paths.items()}
         tokenizers = ServedTokenizers(own, served_variants.sync_view() if served_variants else None)
+        self._queue_config = queue_config
         self._queue = DetokenizerQueue(redis_url, queue_config)
         self._queue.ensure_group()
         consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -96,6 +97,9 @@ class DetokenizerService:
                 self._last_turn = time.monotonic()  # waiting for Redis counts as progress
                 try:
                     self._stage.turn()
+                    pause_s = self._queue_config.busy_pause_s(len(self._stage.owned_request_ids))
+                    if pause_s:
+                        self._stop.wait(pause_s)  # let tokens gather: fewer, fuller reads and writes
                 except QueueUnavailableError:
                     if not outage.waiting:
                         logger.warning("queue unavailable; detokenizer waits for Redis")

@@ -96,7 +96,8 @@ class IngressService:
         variants = LiveVariants(redis_url, prefix, live.cache_ttl_s) if live.enabled else None
         self._served = ServedModels(config, variants, tokenizer)
         wake_key = QueueKeys(config.queue.key_prefix).wake(f"ingress-{uuid.uuid4().hex}")
-        self._texts = TextFanout(self._queue, wake_key, config.queue.reader_outage_s)
+        queue = config.queue
+        self._texts = TextFanout(self._queue, wake_key, queue.reader_outage_s, queue.busy_pause_s)
         self._seeds = random.SystemRandom()
         self._health = IngressHealth()
         self.metrics = IngressMetrics()

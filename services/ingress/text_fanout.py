@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.errors import QueueUnavailableError
@@ -53,10 +53,19 @@ class _Subscription:
 
 
 class TextFanout:
-    def __init__(self, queue: QueueClient, wake_key: str, outage_limit_s: float) -> None:
+    def __init__(
+        self,
+        queue: QueueClient,
+        wake_key: str,
+        outage_limit_s: float,
+        busy_pause_s: Callable[[int], float] = lambda streams: 0.0,
+    ) -> None:
+        """``busy_pause_s``: how long to wait after a read while following that many streams
+        (``QueueConfig.busy_pause_s``)."""
         self._queue = queue
         self._wake_key = wake_key
         self._outage_limit_s = outage_limit_s
+        self._busy_pause_s = busy_pause_s
         self._subscribers: dict[str, list[_Subscription]] = {}
         self._cursors: dict[str, str] = {}  # request id -> last text entry read
         self._wake_after = STREAM_START
@@ -160,6 +169,9 @@ class TextFanout:
                 self._cursors[request_id] = entries[-1][0]
                 for subscription in self._subscribers.get(request_id, []):
                     subscription.deliver([delta for _, delta in entries])
+            pause_s = self._busy_pause_s(len(self._subscribers))
+            if pause_s:
+                await asyncio.sleep(pause_s)  # let text gather: one message carries several tokens
 
     def _fail_all(self, error: QueueUnavailableError) -> None:
         for subscriptions in self._subscribers.values():

@@ -62,11 +62,30 @@ class QueueConfig(BaseModel):
         "client's stream with UNAVAILABLE; the client then continues with Resume. Engines wait for "
         "Redis as long as it takes, holding their unwritten output.",
     )
+    busy_read_interval_ms: float = Field(
+        default=8.0,
+        ge=0.0,
+        description="Under load the return path trades a little latency for CPU: while a reader "
+        "(a detokenizer replica, an ingress replica's text reader) follows at least "
+        "busy_read_streams streams, it waits this long after each read, so that the next one brings "
+        "several tokens per stream and every message sent carries them together. With fewer streams it "
+        "reads again at once, so a lone stream gets each token as soon as it is written. 0 = never wait.",
+    )
+    busy_read_streams: int = Field(
+        default=8,
+        ge=1,
+        description="How many followed streams make a reader busy (see busy_read_interval_ms).",
+    )
+
     dead_letter_max_entries: int = Field(
         default=10_000,
         ge=1,
         description="Approximate cap on each model's dead-letter stream; the oldest entries are trimmed.",
     )
+
+    def busy_pause_s(self, streams: int) -> float:
+        """How long a reader following ``streams`` streams waits before its next read."""
+        return self.busy_read_interval_ms / 1000 if streams >= self.busy_read_streams else 0.0
 
     @property
     def lease_ms(self) -> int:
