@@ -210,3 +210,48 @@ def test_reader_drops_text_written_twice_for_the_same_tokens(redis_url: str) -> 
     deltas = asyncio.run(main())
     assert [d.token_index for d in deltas] == [0]
     assert "".join(d.text for d in deltas) == "abc!" and sum(len(d.token_ids) for d in deltas) == 4
+
+
+def _messages_per_stream(redis_url: str, streams: int, config: QueueConfig, name: str) -> list[list[str]]:
+    """``streams`` calls follow text written one piece every 5 ms (20 pieces); the messages
+    each call receives. ``name``: the prefix of their request ids."""
+    keys = QueueKeys()
+
+    async def main() -> list[list[str]]:
+        async with QueueClient(redis_url, config) as client:
+            fanout = TextFanout(client, keys.wake("busy-ingress"), 5.0, config.busy_pause_s)
+
+            async def follow(request_id: str) -> list[str]:
+                return [delta.text async for delta in fanout.follow(request_id)]
+
+            followers = [asyncio.create_task(follow(f"{name}{i}")) for i in range(streams)]
+            await asyncio.sleep(0.2)
+            with redis.Redis.from_url(redis_url) as writer:
+                for piece in range(20):
+                    pipe = writer.pipeline(transaction=False)
+                    for i in range(streams):
+                        fields = {"s": str(piece).encode(), "t": b"\0\0\0\0", "x": f"<{piece}>".encode()}
+                        if piece == 19:
+                            fields["f"] = b"length"
+                        pipe.xadd(keys.text(f"{name}{i}"), fields)
+                    pipe.execute()
+                    await asyncio.sleep(0.005)
+            messages = await asyncio.gather(*followers)
+            await fanout.aclose()
+            return list(messages)
+
+    return asyncio.run(main())
+
+
+def test_a_busy_reader_sends_fewer_fuller_messages_and_a_lone_stream_each_token(redis_url: str) -> None:
+    """busy_read_interval_ms: with busy_read_streams streams open the reader waits between
+    reads, so messages carry several pieces (all of them, in order); one stream alone gets a
+    message per piece."""
+    config = QueueConfig(busy_read_interval_ms=40.0, busy_read_streams=4)
+    whole = "".join(f"<{p}>" for p in range(20))
+    busy = _messages_per_stream(redis_url, 4, config, "busy")
+    assert all("".join(messages) == whole for messages in busy)
+    assert max(len(messages) for messages in busy) <= 10, "pieces written 5 ms apart, read every 40 ms"
+    (alone,) = _messages_per_stream(redis_url, 1, config, "alone")
+    assert "".join(alone) == whole
+    assert len(alone) >= 15, f"a lone stream is read at once: {len(alone)} messages for 20 pieces"
