@@ -50,7 +50,7 @@ def run_optimizer_benchmark(
 ) -> dict[str, Any]:
     import torch
 
-    from services.config import OptimizerConfig
+    from services.optimizer.config import OptimizerConfig
     from services.optimizer.gate import run_gate
     from services.optimizer.heldout import text_sequences
     from services.optimizer.recipes import RECIPES as ALL_RECIPES

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from services.config import DEFAULT_GATES, OptimizerConfig
 from services.demo.tokenizer import load_tokenizer
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
@@ -20,6 +19,7 @@ from services.engine.models.quantized import Int4Linear, Int8WeightOnlyLinear, W
 from services.engine.models.quantized_vocab import Int8Embedding
 from services.errors import InvalidParameterError
 from services.messages import SamplingParams
+from services.optimizer.config import DEFAULT_GATES, OptimizerConfig
 from services.optimizer.gate import run_gate
 from services.optimizer.heldout import demo_sequences
 from services.optimizer.pipeline import OptimizeCancelled, OptimizeRequest, optimize

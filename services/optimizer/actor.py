@@ -13,8 +13,8 @@ from typing import Any
 import ray
 import torch
 
-from services.config import OptimizerConfig
 from services.errors import InvalidParameterError
+from services.optimizer.config import OptimizerConfig
 from services.optimizer.pipeline import OptimizeRequest, OptimizeResult, optimize
 
 

@@ -33,8 +33,9 @@ def add_optimize_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 def optimize_command(args: argparse.Namespace) -> int:
     import ray
 
-    from services.config import OptimizerConfig, expand_environment
+    from services.config import expand_environment
     from services.optimizer.actor import get_or_start_actor
+    from services.optimizer.config import OptimizerConfig
     from services.optimizer.pipeline import OptimizeRequest
 
     overrides = {"variants_dir": args.variants_dir} if args.variants_dir else {}

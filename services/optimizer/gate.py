@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.config import GateThresholds
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.models import load_model
 from services.messages import SamplingParams
+from services.optimizer.config import GateThresholds
 from services.optimizer.scoring import sequence_logits
 
 _SERVE_CHECK_TOKENS = 8

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.config import OptimizerConfig
 from services.engine.models.manifest import MANIFEST_FILE, directory_checksum
 from services.errors import InvalidParameterError, TokenlineError
+from services.optimizer.config import OptimizerConfig
 from services.optimizer.gate import GateReport, run_gate
 from services.optimizer.heldout import demo_sequences, text_sequences
 from services.optimizer.recipes import get_recipe
