@@ -33,11 +33,10 @@ from services.ingress.status import RpcError
 
 logger = logging.getLogger(__name__)
 
-OVERALL = ""
 # Serve kills a stopping replica drain_s after asking it to stop; the server's own stop and
 # the reader's close need this much of it.
 STOP_MARGIN_S = 2.0
-STATUS_TIMEOUT_S = 5.0  # the health service's name for the server as a whole
+STATUS_TIMEOUT_S = 5.0  # asking Serve whether the application is being deleted
 _Unary = Callable[[bytes, Any], Awaitable[Any]]
 _Streaming = Callable[[bytes, Any], AsyncIterator[Any]]
 
