@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from services.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.errors import InvalidParameterError
 from services.tokenizer import PromptTokenizer
 from tests.bpe_tokenizer import VOCAB_SIZE, byte_token_id, train_byte_level_bpe, write_bpe_checkpoint
+from tests.recording_decoder import RecordingDecoder
 
 REPLACEMENT = "\ufffd"
 # Pieces that byte-level BPE splits across tokens: CJK, ZWJ sequences, flags,
@@ -48,26 +49,6 @@ TEXTS = st.lists(
     st.one_of(st.sampled_from(FRAGMENTS), st.text(alphabet=st.characters(codec="utf-8"), max_size=4)),
     max_size=12,
 ).map("".join)
-
-
-class WindowRecorder:
-    """The real tokenizer, recording how many ids each decode call was given."""
-
-    def __init__(self, tokenizer: PromptTokenizer) -> None:
-        self._tokenizer = tokenizer
-        self.window_sizes: list[int] = []
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        self.window_sizes.append(len(token_ids))
-        return self._tokenizer.decode(token_ids)
-
-    @property
-    def skipped_token_ids(self) -> frozenset[int]:
-        return self._tokenizer.skipped_token_ids
-
-    @property
-    def byte_fallback_values(self) -> Mapping[int, int]:
-        return self._tokenizer.byte_fallback_values
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +131,7 @@ def test_degenerate_bytes_keep_the_window_bounded(tokenizer: PromptTokenizer) ->
     lead, middle, last = (byte_token_id(backend, byte) for byte in "中".encode())
     # Each lead byte is cut short by the next one: the text ends in U+FFFD at every step.
     ids = [lead] * 200 + [middle, last]
-    recorder = WindowRecorder(tokenizer)
+    recorder = RecordingDecoder(tokenizer)
     deltas = _stream(IncrementalDetokenizer(recorder), [[token] for token in ids])
     # The last lead byte starts the completed character; the 199 before it stay invalid.
     assert "".join(deltas) == tokenizer.decode(ids) == REPLACEMENT * 199 + "中"
@@ -162,7 +143,7 @@ def test_cost_per_token_does_not_grow_with_the_output(tokenizer: PromptTokenizer
         "今天天气很好 👨\u200d👩\u200d👧\u200d👦 crème 🇯🇵 ", add_special_tokens=False
     )
     ids = sentence * 200  # longer than the context on purpose: the detokenizer does not care
-    recorder = WindowRecorder(tokenizer)
+    recorder = RecordingDecoder(tokenizer)
     detokenizer = IncrementalDetokenizer(recorder)
     text = "".join(detokenizer.push([token]) for token in ids) + detokenizer.finish()
     assert text == tokenizer.decode(ids)

@@ -24,6 +24,7 @@ from services.detokenizer import IncrementalDetokenizer, StopStringMatcher, Toke
 from services.tokenizer import PromptTokenizer
 from services.tokenizer.decoding import TextDecoder
 from tests.real_tokenizers import cached_tokenizer
+from tests.recording_decoder import RecordingDecoder
 
 REPLACEMENT = "\ufffd"
 FAMILIES = ("llama3", "qwen3", "mistral", "demo")
@@ -47,26 +48,6 @@ TEXTS = st.lists(
     max_size=10,
 ).map(" ".join)
 FAMILY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-class RecordingDecoder:
-    """A family's decoder, recording how many ids each decode call was given."""
-
-    def __init__(self, decoder: TokenDecoder) -> None:
-        self._decoder = decoder
-        self.window_sizes: list[int] = []
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        self.window_sizes.append(len(token_ids))
-        return self._decoder.decode(token_ids)
-
-    @property
-    def skipped_token_ids(self) -> frozenset[int]:
-        return self._decoder.skipped_token_ids
-
-    @property
-    def byte_fallback_values(self) -> Mapping[int, int]:
-        return self._decoder.byte_fallback_values
 
 
 class Family:
