@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.messages import FinishReason
+from services.messages import FinishReason, TokenChunk, TopLogprob, TopLogprobs, Usage
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,31 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def end_index(self) -> int:
+        """The output index after this step's tokens."""
+        return self.start_index + len(self.new_token_ids)
+
+    def token_chunk(self) -> TokenChunk:
+        """This step's tokens as the request's token stream carries them."""
+        usage = None
+        if self.finished:
+            usage = Usage(self.num_prompt_tokens, self.end_index, self.num_cached_tokens)
+        return TokenChunk(
+            request_id=self.request_id,
+            start_index=self.start_index,
+            token_ids=self.new_token_ids,
+            finish_reason=self.finish_reason,
+            usage=usage,
+            logprobs=tuple(entry.logprob for entry in self.logprobs),
+            top_logprobs=self._top_logprobs(),
+        )
+
+    def _top_logprobs(self) -> TopLogprobs:
+        if not any(entry.top for entry in self.logprobs):
+            return ()  # logprobs unset or 0: nothing extra on the wire
+        return tuple(tuple(TopLogprob(token_id, lp) for token_id, lp in entry.top) for entry in self.logprobs)
 
 
 @dataclass(frozen=True)

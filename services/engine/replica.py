@@ -39,7 +39,7 @@ from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
 from services.engine.outputs import RequestOutput
 from services.errors import InvalidParameterError, QueueUnavailableError
-from services.messages import FinishReason, TokenChunk, TopLogprob, TopLogprobs, Usage
+from services.messages import FinishReason, TokenChunk, Usage
 from services.metrics.engine import EngineMetrics, EngineSample
 from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
 from services.queue.outage import Backoff
@@ -297,20 +297,8 @@ class EngineReplica:
         self._settle()
 
     def _chunk(self, out: RequestOutput) -> TokenChunk:
-        held = self._held[out.request_id]
-        held.next_index = out.start_index + len(out.new_token_ids)
-        usage = None
-        if out.finished:
-            usage = Usage(out.num_prompt_tokens, held.next_index, out.num_cached_tokens)
-        return TokenChunk(
-            request_id=out.request_id,
-            start_index=out.start_index,
-            token_ids=out.new_token_ids,
-            finish_reason=out.finish_reason,
-            usage=usage,
-            logprobs=tuple(entry.logprob for entry in out.logprobs),
-            top_logprobs=_top_logprobs(out),
-        )
+        self._held[out.request_id].next_index = out.end_index
+        return out.token_chunk()
 
     def _admit_all(self, claimed: list[ClaimedRequest]) -> None:
         for item in claimed:
@@ -384,11 +372,3 @@ class EngineReplica:
             self.engine.abort(request_id)
             self._held.pop(request_id, None)
 
-
-def _top_logprobs(out: RequestOutput) -> TopLogprobs:
-    """The engine's top alternatives of each new token, as the token chunk carries them."""
-    if not any(entry.top for entry in out.logprobs):
-        return ()  # logprobs unset or 0: nothing extra on the wire
-    return tuple(
-        tuple(TopLogprob(token_id, logprob) for token_id, logprob in entry.top) for entry in out.logprobs
-    )
