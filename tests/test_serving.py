@@ -16,6 +16,7 @@ from services.client import TokenlineClient
 from services.engine import Engine, EngineConfig, SamplingParams
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from tests.serving_stack import MODEL_NAME, Stack
+from tests.stack_probes import wait_until
 
 QUESTIONS = [
     f"{a}+{b}=" for a, b in [(12, 35), (40, 7), (3, 3), (25, 61), (9, 80), (33, 44), (1, 2), (70, 19)]
@@ -187,21 +188,34 @@ def test_unknown_model_is_not_found(client: TokenlineClient) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_full_queue_gets_resource_exhausted(stack: Stack) -> None:
+def test_full_queue_gets_resource_exhausted(stack: Stack, client: TokenlineClient) -> None:
+    """With max_queue_depth requests unfinished, each further one is refused with
+    RESOURCE_EXHAUSTED and a retry hint; once they end, the queue admits again. The holders
+    are long enough (2,000 tokens each) that none can finish while the extras are sent."""
     limit = stack.config.queue.max_queue_depth
+    holders = {f"hold-{i}": client.stream(long_request(f"hold-{i}")) for i in range(limit)}
+    wait_until(lambda: stack.unfinished_in_queue()[1] == limit, 60, "the queue to fill")
 
-    def one(i: int) -> grpc.StatusCode:
-        with TokenlineClient(stack.target, stack.api_key) as c:
-            try:
-                c.generate(request("1+2=", max_tokens=64, ignore_eos=True, request_id=f"flood-{i}"))
-                return grpc.StatusCode.OK
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    assert "retry-after-ms=" in (error.details() or "")
-                return error.code()
+    def refusal(i: int) -> tuple[grpc.StatusCode, str]:
+        try:
+            client.generate(request("1+2=", max_tokens=8, request_id=f"flood-{i}"))
+        except grpc.RpcError as error:
+            return error.code(), error.details() or ""
+        return grpc.StatusCode.OK, ""
 
-    with ThreadPoolExecutor(max_workers=limit + 40) as pool:
-        codes = list(pool.map(one, range(limit + 40)))
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert codes.count(grpc.StatusCode.OK) >= limit // 2
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        refused = list(pool.map(refusal, range(16)))
+    for request_id in holders:
+        client.cancel(request_id)
+    finishes = {collect(stream)[2].finish_reason for stream in holders.values()}
+
+    assert {code for code, _ in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all("retry-after-ms=" in details for _, details in refused)
+    assert finishes == {pb.FINISH_REASON_ABORT}, "a holder finished before the extras were refused"
+    wait_until(lambda: stack.unfinished_in_queue()[1] == 0, 30, "the cancelled holders to leave")
+    after = client.generate(request("1+2=", max_tokens=8, ignore_eos=True))
+    assert after.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def long_request(request_id: str) -> pb.GenerateRequest:
+    return request("1+2=", max_tokens=2000, ignore_eos=True, request_id=request_id)
