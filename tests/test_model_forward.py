@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from services.engine.attention_batch import AttentionBatch, KVCache, PrefillSpan
 from services.engine.models import LlamaFamilyModel, ModelSpec, load_model
+from services.engine.models.cpu_gemm import PackedLinear, packing_applies
 from services.engine.models.loader import matmul_dtype
 from services.errors import InvalidParameterError, UnsupportedModelError
 from tests.checkpoints import KINDS, load_reference_model, make_tiny_checkpoint
@@ -233,7 +234,8 @@ def test_old_style_rope_keys_read_like_rope_parameters(tmp_path: Path) -> None:
     assert _spec(checkpoint) == new_style
 
 
-def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path) -> None:
+def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENLINE_NO_PACKED_GEMM", "1")  # plain weights: the state dicts hold every one
     single = make_tiny_checkpoint("qwen3", tmp_path / "single")
     sharded = make_tiny_checkpoint("qwen3", tmp_path / "sharded", max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()
@@ -249,9 +251,13 @@ def test_bfloat16_load_holds_weights_in_bfloat16_or_matmul_dtype_logits_float32(
 ) -> None:
     checkpoint = make_tiny_checkpoint("llama", tmp_path)
     harness = Harness(load_both(checkpoint, torch.bfloat16))
-    # Projections are held in the dtype this CPU multiplies fast (float32 without AVX-512 BF16/AMX).
+    # Projections are held in the dtype this CPU multiplies fast (float32 without AVX-512 BF16/AMX),
+    # prepacked for oneDNN where that applies (then they are no longer parameters).
     linear_dtype = matmul_dtype(torch.bfloat16, CPU)
-    for name, param in harness.loaded.model.named_parameters():
+    model = harness.loaded.model
+    packed = any(isinstance(module, PackedLinear) for module in model.modules())
+    assert packed == packing_applies(CPU, linear_dtype)
+    for name, param in model.named_parameters():
         is_projection = name.endswith(("_proj.weight", "lm_head.weight"))
         assert param.dtype == (linear_dtype if is_projection else torch.bfloat16), name
     seq = harness.new_sequence(20)

@@ -6,10 +6,14 @@
  * Work items are (sequence, kv head) pairs: the kv head's group of query heads
  * shares each key and value row read from memory (grouped-query attention).
  *
+ * The running max starts at -FLT_MAX, not -inf: the kernel is built with -ffast-math (so
+ * that expf vectorizes through glibc's libmvec), which assumes every value is finite.
+ *
  * Built by services/engine/native.py with the system C compiler and called through
  * ctypes (which releases the GIL); plain C with no dependencies so it compiles in a
  * fraction of a second. Layouts match services/engine/attention_batch.py.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -39,41 +43,58 @@ static inline uint16_t bf16_store(float f) { /* round to nearest even, as torch 
     return (uint16_t)(bits >> 16);
 }
 
-static void load_row(const Job *j, const void *base, int64_t offset, float *dst) {
-    int64_t d;
-    if (j->is_bf16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-        for (d = 0; d < j->head_dim; d++) dst[d] = bf16_load(src + d);
-    } else {
-        memcpy(dst, (const float *)base + offset, (size_t)j->head_dim * sizeof(float));
+/* Row ``offset`` of a cache or query tensor as float32: in place for a float32 tensor,
+ * widened into ``buffer`` for bfloat16. */
+static inline const float *row_at(const Job *j, const void *base, int64_t offset, int64_t D, float *buffer) {
+    if (!j->is_bf16) return (const float *)base + offset;
+    const uint16_t *src = (const uint16_t *)base + offset;
+    for (int64_t d = 0; d < D; d++) buffer[d] = bf16_load(src + d);
+    return buffer;
+}
+
+/* Blocks lie wherever the allocator put them, so the hardware prefetcher, which follows
+ * sequential addresses, stalls at every block boundary: ask for the next block's keys and
+ * values while this one is computed (1.2x on 32 sequences of 330 tokens, SmolLM2's heads). */
+static void prefetch_block(const Job *j, int64_t offset) {
+    const int64_t element = j->is_bf16 ? 2 : 4;
+    const int64_t bytes = j->block_size * j->head_dim * element;
+    const char *k = (const char *)j->k_cache + offset * element;
+    const char *v = (const char *)j->v_cache + offset * element;
+    for (int64_t line = 0; line < bytes; line += 64) {
+        __builtin_prefetch(k + line, 0, 3);
+        __builtin_prefetch(v + line, 0, 3);
     }
 }
 
-static void attend_item(const Job *j, int64_t item) {
+static inline __attribute__((always_inline)) void attend_item(const Job *j, int64_t item, const int64_t D) {
     const int64_t seq = item / j->kv_heads, kvh = item % j->kv_heads;
-    const int64_t group = j->heads / j->kv_heads, D = j->head_dim, BS = j->block_size;
+    const int64_t group = j->heads / j->kv_heads, BS = j->block_size;
     const int64_t len = j->context_lens[seq];
     const int64_t start = (j->window > 0 && len > j->window) ? len - j->window : 0;
     const int64_t *table = j->block_tables + seq * j->table_stride;
     float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
     float row_max[MAX_GROUP], row_sum[MAX_GROUP], score[MAX_GROUP][64];
-    float k_rows[64][MAX_HEAD_DIM];
-    float v_row[MAX_HEAD_DIM];
+    float k_buffer[64][MAX_HEAD_DIM], v_buffer[64][MAX_HEAD_DIM];
+    const float *k_rows[64], *v_rows[64];
     int64_t g, d, t;
     for (g = 0; g < group; g++) {
-        load_row(j, j->q, seq * j->q_row_stride + (kvh * group + g) * D, q[g]);
-        for (d = 0; d < D; d++) q[g][d] *= j->scale;
+        const float *query = row_at(j, j->q, seq * j->q_row_stride + (kvh * group + g) * D, D, q[g]);
+        for (d = 0; d < D; d++) q[g][d] = query[d] * j->scale;
         memset(acc[g], 0, (size_t)D * sizeof(float));
-        row_max[g] = -INFINITY; row_sum[g] = 0.0f;
+        row_max[g] = -FLT_MAX; row_sum[g] = 0.0f;
     }
     for (int64_t pos = start - start % BS; pos < len; pos += BS) {
         const int64_t block = table[pos / BS];
         const int64_t lo = pos < start ? start - pos : 0;
         const int64_t hi = (len - pos) < BS ? (len - pos) : BS;
         const int64_t base = ((kvh * j->num_blocks + block) * BS) * D;
-        for (t = lo; t < hi; t++) load_row(j, j->k_cache, base + t * D, k_rows[t]);
+        if (pos + BS < len) prefetch_block(j, ((kvh * j->num_blocks + table[pos / BS + 1]) * BS) * D);
+        for (t = lo; t < hi; t++) {
+            k_rows[t] = row_at(j, j->k_cache, base + t * D, D, k_buffer[t]);
+            v_rows[t] = row_at(j, j->v_cache, base + t * D, D, v_buffer[t]);
+        }
         for (g = 0; g < group; g++) {
-            float block_max = -INFINITY;
+            float block_max = -FLT_MAX;
             for (t = lo; t < hi; t++) {
                 float s = 0.0f;
                 for (d = 0; d < D; d++) s += q[g][d] * k_rows[t][d];
@@ -91,7 +112,7 @@ static void attend_item(const Job *j, int64_t item) {
             row_max[g] = new_max;
         }
         for (t = lo; t < hi; t++) {
-            load_row(j, j->v_cache, base + t * D, v_row);
+            const float *v_row = v_rows[t];
             for (g = 0; g < group; g++) {
                 const float p = score[g][t];
                 for (d = 0; d < D; d++) acc[g][d] += p * v_row[d];
@@ -113,7 +134,15 @@ static void attend_item(const Job *j, int64_t item) {
 
 static void *run_items(void *arg) {
     const Job *j = (const Job *)arg;
-    for (int64_t item = j->first_item; item < j->n * j->kv_heads; item += j->item_step) attend_item(j, item);
+    const int64_t items = j->n * j->kv_heads;
+    /* A head size known at compile time lets the compiler unroll every row loop. */
+    if (j->head_dim == 64) {
+        for (int64_t item = j->first_item; item < items; item += j->item_step) attend_item(j, item, 64);
+    } else if (j->head_dim == 128) {
+        for (int64_t item = j->first_item; item < items; item += j->item_step) attend_item(j, item, 128);
+    } else {
+        for (int64_t item = j->first_item; item < items; item += j->item_step) attend_item(j, item, j->head_dim);
+    }
     return NULL;
 }
 

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from services.engine.models.compressed import scheme_from_config
+from services.engine.models.cpu_gemm import packing_applies, prepack_linears
 from services.engine.models.layers import Linear
 from services.engine.models.llama import LlamaFamilyModel, WeightSource, checkpoint_layout
 from services.engine.models.manifest import verify_manifest
@@ -85,13 +86,20 @@ def load_model(
             model.embed_tokens.get_parameter("weight").to(linear_dtype), requires_grad=False
         )
     model.eval()
+    parameters = sum(param.numel() for param in model.parameters())
+    packed = 0
+    if packing_applies(device, linear_dtype):
+        # Here a missing lm_head means a float32 table that compute_logits reads (tied).
+        tied_head = model.embed_tokens.get_parameter("weight") if model.lm_head is None else None
+        packed = prepack_linears(model, tied_head)
     logger.info(
         "model loaded",
         extra={
             "model_dir": str(model_dir),
             "architecture": spec.architecture,
             "num_layers": spec.num_layers,
-            "parameters": sum(param.numel() for param in model.parameters()),
+            "parameters": parameters,
+            "packed_linears": packed,
             "dtype": str(dtype),
             "matmul_dtype": str(linear_dtype),
             "device": str(device),
