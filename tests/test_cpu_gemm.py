@@ -48,6 +48,10 @@ def test_a_loaded_model_packs_every_projection_and_the_tied_head(tmp_path: Path)
     assert spec.tie_word_embeddings
     assert not any(isinstance(module, Linear) for module in model.modules())
     assert isinstance(model.lm_head, PackedLinear)
+    # Packed weights are buffers, so a count of what the model holds (the optimizer bench's) sees them.
+    held = {id(tensor) for tensor in model.buffers()}
+    packed = [m.packed_weight for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(id(weight) in held for weight in packed)
     rows = torch.randn(4, spec.hidden_size)
     embedding = model.embed_tokens.get_parameter("weight")
     torch.testing.assert_close(model.compute_logits(rows), F.linear(rows, embedding), rtol=1e-5, atol=1e-5)

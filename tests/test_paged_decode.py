@@ -78,3 +78,14 @@ def test_native_decode_does_not_depend_on_the_batch() -> None:
         alone = torch.empty_like(q[row : row + 1])
         attention._decode_in_place(q[row : row + 1], cache, single, 0.2, None, alone)
         assert torch.equal(alone[0], together[row])
+
+
+def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone() -> None:
+    """The kernel is compiled with -ffast-math; linked with it, GCC's crtfastmath would switch
+    the whole process to flush denormals to zero when the library loads (a sampler dividing by
+    a denormal temperature then got NaN). A denormal must survive arithmetic after loading."""
+    if native.paged_decode_kernel() is None:
+        pytest.skip("the native kernel could not be built here (no C compiler?); nothing is loaded")
+    denormal = torch.tensor([1e-45], dtype=torch.float32)
+    assert (denormal * 2).item() > 0
+    assert 5e-324 * 2 > 0  # Python's own float arithmetic, double precision

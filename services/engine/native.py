@@ -26,15 +26,12 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("paged_decode.c")
 # Fast math lets the compiler reassociate (vectorized dot products) and call glibc's vector
-# expf; the kernel keeps every value finite, as that assumes (see paged_decode.c).
-_FLAGS = [
-    "-O3",
-    "-march=native",
-    "-ffast-math",
-    "-shared",
-    "-fPIC",
-    "-pthread",
-]
+# expf; the kernel keeps every value finite, as that assumes (see paged_decode.c). It is a
+# compile flag only: linked with -ffast-math, GCC adds crtfastmath.o, which on load switches
+# the whole process to flush-to-zero / denormals-are-zero and so changes every float
+# computation outside the kernel too (a sampler dividing by a denormal temperature got 0).
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"]
+_LINK_FLAGS = ["-shared", "-pthread"]
 _DISABLE_ENV = "TOKENLINE_NO_NATIVE_KERNELS"  # set to 1 to force the PyTorch paths
 _I64 = ctypes.c_int64
 
@@ -55,7 +52,7 @@ def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defin
         logger.warning("no C compiler found; decode attention uses the PyTorch path")
         return None
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode()).hexdigest()[:16]
     library = _cache_dir() / f"paged_decode-{digest}.so"
     try:
         if not library.is_file():
@@ -79,16 +76,16 @@ def _build(compiler: str, library: Path) -> None:
     fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=library.parent)
     os.close(fd)
     try:
-        subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        for command in (
+            [compiler, *_COMPILE_FLAGS, "-c", str(_SOURCE), "-o", f"{partial}.o"],
+            [compiler, *_LINK_FLAGS, f"{partial}.o", "-o", partial, "-lm"],
+        ):
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
         os.replace(partial, library)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for leftover in (partial, f"{partial}.o"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def supports(dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,12 +1,13 @@
 """Float32 projections on CPU through oneDNN, with each weight reordered once at load.
 
-``F.linear`` on CPU runs MKL's sgemm, which re-lays the weight out on every call. At the
-row counts of a decode step that costs: on this machine's AVX2 core, oneDNN's inner
+``F.linear`` on CPU runs MKL's sgemm, which copies panels of the weight into its own layout
+on every call. At the row counts of a decode step that shows: on this machine's AVX2 core, oneDNN's inner
 product over a weight already in its blocked layout runs SmolLM2's projections 1.1-1.5x
 faster than ``F.linear`` from 2 to 24 rows, its 49152-row output projection 1.5-2.4x
-faster up to 128 rows, and is level or up to ~10% slower at prefill-sized chunks (128-512
-rows) and at one row. A decode step has the small row counts, so the engine packs every
-float32 projection when the model is loaded on a CPU (``prepack_linears``).
+faster up to 128 rows; it is level or up to ~10% slower at prefill-sized chunks (128-512
+rows), and 0.6-0.95x at one row, where a call's fixed cost dominates (~25 us through oneDNN
+against ~3 us for ``F.linear``). A decode step has the small row counts, so the engine packs every float32
+projection when the model is loaded on a CPU (``prepack_linears``).
 
 The packed tensor replaces the plain weight (no extra memory), except for a tied output
 projection: the embedding lookup still needs the plain table, so the packed head is a
@@ -34,10 +35,15 @@ _DISABLE_ENV = "TOKENLINE_NO_PACKED_GEMM"
 class PackedLinear(nn.Module):
     """``y = x W^T (+ b)`` with ``W`` held in oneDNN's blocked layout (float32, CPU)."""
 
+    packed_weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.packed_weight = packed_weight
-        self.bias = bias
+        # Buffers, so that what the model holds is counted like any weight; not persistent:
+        # the layout belongs to this process's oneDNN, never to a saved state dict.
+        self.register_buffer("packed_weight", packed_weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
         self.out_features, self.in_features = packed_weight.shape
 
     @classmethod
