@@ -1,13 +1,14 @@
 """Float32 projections on CPU through oneDNN, with each weight reordered once at load.
 
-``F.linear`` on CPU runs MKL's sgemm, which copies panels of the weight into its own layout
-on every call. At the row counts of a decode step that shows: on this machine's AVX2 core, oneDNN's inner
-product over a weight already in its blocked layout runs SmolLM2's projections 1.1-1.5x
-faster than ``F.linear`` from 2 to 24 rows, its 49152-row output projection 1.5-2.4x
-faster up to 128 rows; it is level or up to ~10% slower at prefill-sized chunks (128-512
-rows), and 0.6-0.95x at one row, where a call's fixed cost dominates (~25 us through oneDNN
-against ~3 us for ``F.linear``). A decode step has the small row counts, so the engine packs every float32
-projection when the model is loaded on a CPU (``prepack_linears``).
+``F.linear`` on CPU runs MKL's sgemm, which copies panels of the weight into its own
+layout on every call. At the row counts of a decode step that shows: on this machine's
+AVX2 core, oneDNN's inner product over a weight already in its blocked layout runs
+SmolLM2's projections 1.1-1.5x faster than ``F.linear`` from 2 to 24 rows and its
+49152-row output projection 1.5-2.4x faster up to 128 rows. It is level or up to ~14%
+slower at prefill-sized chunks (128-512 rows), and 0.6-0.95x at one row, where a call's
+fixed cost dominates (~25 us through oneDNN against ~3 us for ``F.linear``). Decode steps
+have the small row counts, so the engine packs every float32 projection when the model is
+loaded on a CPU (``prepack_linears``).
 
 The packed tensor replaces the plain weight (no extra memory), except for a tied output
 projection: the embedding lookup still needs the plain table, so the packed head is a
@@ -27,7 +28,7 @@ from torch import nn
 from services.engine.models.layers import Linear
 
 # oneDNN picks the blocked layout for this many rows; any row count then works. 16 is a
-# decode step's typical batch here (measured flat from 1 to 128 within a few percent).
+# decode step's typical batch here; hints of 1, 32, 128 and 512 measured no better.
 PACKING_ROWS_HINT = 16
 _DISABLE_ENV = "TOKENLINE_NO_PACKED_GEMM"
 
