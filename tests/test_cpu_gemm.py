@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from services.engine.models import load_model
 from services.engine.models.cpu_gemm import PackedLinear, packing_applies
 from services.engine.models.layers import Linear
+from services.optimizer.recipes import get_recipe
+from services.optimizer.writer import quantize_checkpoint, write_variant
 from tests.checkpoints import make_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -55,6 +57,19 @@ def test_a_loaded_model_packs_every_projection_and_the_tied_head(tmp_path: Path)
     rows = torch.randn(4, spec.hidden_size)
     embedding = model.embed_tokens.get_parameter("weight")
     torch.testing.assert_close(model.compute_logits(rows), F.linear(rows, embedding), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_variant_keeps_one_tied_table(tmp_path: Path) -> None:
+    """A variant is made to be small: its tied head reads the embedding table, no packed copy."""
+    source = make_tiny_checkpoint("qwen2", tmp_path / "source")
+    recipe, variant = get_recipe("int8"), tmp_path / "int8"
+    variant.mkdir()
+    write_variant(source, quantize_checkpoint(source, recipe), recipe, variant)
+    model, spec = load_model(variant, CPU, torch.float32)
+    assert spec.tie_word_embeddings and model.lm_head is None
+    rows = torch.randn(2, spec.hidden_size)
+    logits = model.compute_logits(rows)
+    torch.testing.assert_close(logits, F.linear(rows, model.embed_tokens.get_parameter("weight")))
 
 
 def test_the_variable_keeps_weights_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,9 +89,11 @@ def load_model(
     parameters = sum(param.numel() for param in model.parameters())
     packed = 0
     if packing_applies(device, linear_dtype):
-        # Here a missing lm_head means a float32 table that compute_logits reads (tied).
-        tied_head = model.embed_tokens.get_parameter("weight") if model.lm_head is None else None
-        packed = prepack_linears(model, tied_head)
+        # Here a missing lm_head means a float32 table that compute_logits reads (tied). Its
+        # packed copy is a second table in memory: a quantized variant, made to be small,
+        # keeps reading the one table instead.
+        tied = model.lm_head is None and scheme is None
+        packed = prepack_linears(model, model.embed_tokens.get_parameter("weight") if tied else None)
     logger.info(
         "model loaded",
         extra={
