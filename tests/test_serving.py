@@ -193,7 +193,10 @@ def test_full_queue_gets_resource_exhausted(stack: Stack, client: TokenlineClien
     RESOURCE_EXHAUSTED and a retry hint; once they end, the queue admits again. The holders
     are long enough (2,000 tokens each) that none can finish while the extras are sent."""
     limit = stack.config.queue.max_queue_depth
-    holders = {f"hold-{i}": client.stream(long_request(f"hold-{i}")) for i in range(limit)}
+    holders = {
+        f"hold-{i}": client.stream(request("1+2=", max_tokens=2000, ignore_eos=True, request_id=f"hold-{i}"))
+        for i in range(limit)
+    }
     wait_until(lambda: stack.unfinished_in_queue()[1] == limit, 60, "the queue to fill")
 
     def refusal(i: int) -> tuple[grpc.StatusCode, str]:
@@ -215,7 +218,3 @@ def test_full_queue_gets_resource_exhausted(stack: Stack, client: TokenlineClien
     wait_until(lambda: stack.unfinished_in_queue()[1] == 0, 30, "the cancelled holders to leave")
     after = client.generate(request("1+2=", max_tokens=8, ignore_eos=True))
     assert after.finish_reason == pb.FINISH_REASON_LENGTH
-
-
-def long_request(request_id: str) -> pb.GenerateRequest:
-    return request("1+2=", max_tokens=2000, ignore_eos=True, request_id=request_id)
