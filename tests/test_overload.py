@@ -47,8 +47,9 @@ DEPTH_POLL_S = 0.05
 # Growth allowed from the warm sample to the end, per process: max(64 MiB, 10 %). Without a
 # leak a warm process moves by a few MiB under this load (allocator arenas, Ray's small
 # caches, Redis keeping finished outputs for output_ttl_s), a tenfold margin over noise. The
-# 45 s after the warm-up see several hundred completions and a thousand or more refusals: anything kept per request (its Ray object refs, stream state,
-# output, an error with its frames; 64 KiB or more) or a buffer of refused work breaks it.
+# 45 s after the warm-up see several hundred completions and a thousand or more refusals:
+# anything kept per request (its Ray object refs, stream state, output, an error with its
+# frames; 64 KiB or more) or a buffer of refused work breaks it.
 # A smaller leak per request needs more requests to show: `tokenline bench soak`'s slope.
 MIN_GROWTH_BYTES = 64 * MIB
 MAX_GROWTH_FRACTION = 0.10
