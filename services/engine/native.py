@@ -1,11 +1,14 @@
-"""The engine's one native kernel (paged decode attention on CPU), built on first use.
+"""The engine's native CPU kernels, built on first use.
 
-``paged_decode.c`` is plain C: the system C compiler builds it in well under a second
-into ``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of the source and flags,
-written to a temporary file and renamed, so concurrent builders never see a partial
-library), and ``ctypes`` calls it. ctypes releases the GIL for the call. Where no
-compiler is found or the build fails, :func:`paged_decode_kernel` returns None and
-attention falls back to its PyTorch path; the reason is logged once.
+- ``paged_decode.c``: decode attention reading the paged KV cache in place.
+- ``int8_matmul.c``: int8-weight projections at memory speed on AVX2 (quantized variants).
+
+Each is plain C: the system C compiler builds it in well under a second into
+``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of the source and flags, written
+to a temporary file and renamed, so concurrent builders never see a partial library),
+and ``ctypes`` calls it. ctypes releases the GIL for the call. Where no compiler is found
+or the build fails, the kernel's getter returns None and its caller falls back to a
+PyTorch path; the reason is logged once per kernel.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode.c")
 # Fast math lets the compiler reassociate (vectorized dot products) and call glibc's vector
 # expf; the kernel keeps every value finite, as that assumes (see paged_decode.c). It is a
 # compile flag only: linked with -ffast-math, GCC adds crtfastmath.o, which on load switches
@@ -45,21 +48,8 @@ def _cache_dir() -> Path:
 @functools.cache
 def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``paged_decode_attention`` function, or None when it cannot be built."""
-    if os.environ.get(_DISABLE_ENV) == "1":
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found; decode attention uses the PyTorch path")
-        return None
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"paged_decode-{digest}.so"
-    try:
-        if not library.is_file():
-            _build(compiler, library)
-        handle = ctypes.CDLL(str(library))
-    except (OSError, subprocess.CalledProcessError) as error:
-        logger.warning("native decode attention unavailable (%s); using the PyTorch path", error)
+    handle = _library("paged_decode", "decode attention")
+    if handle is None:
         return None
     function = handle.paged_decode_attention
     pointer = ctypes.c_void_p
@@ -71,13 +61,65 @@ def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defin
     return function
 
 
-def _build(compiler: str, library: Path) -> None:
+@functools.cache
+def int8_matmul_kernels() -> Int8Kernels | None:
+    """The compiled int8-weight matmuls (float rows, quantized rows), or None when they cannot be built."""
+    handle = _library("int8_matmul", "int8 projections")
+    if handle is None:
+        return None
+    pointer = ctypes.c_void_p
+    float_rows = handle.int8_weight_matmul
+    float_rows.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, pointer, _I64, ctypes.c_int]
+    float_rows.restype = ctypes.c_int
+    quantized_rows = handle.int8_matmul_quantized_rows
+    quantized_rows.argtypes = [
+        pointer,
+        pointer,
+        _I64,
+        _I64,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        _I64,
+        ctypes.c_int,
+    ]
+    quantized_rows.restype = ctypes.c_int
+    return Int8Kernels(float_rows, quantized_rows)
+
+
+class Int8Kernels(NamedTuple):
+    float_rows: Any  # int8_weight_matmul: quantizes float32 rows to int16 itself
+    quantized_rows: Any  # int8_matmul_quantized_rows: int16 codes and their row scales
+
+
+def _library(stem: str, purpose: str) -> ctypes.CDLL | None:
+    """``<stem>.c`` beside this file, built (once per source and flags) and loaded."""
+    if os.environ.get(_DISABLE_ENV) == "1":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found; %s use the PyTorch path", purpose)
+        return None
+    source = Path(__file__).with_name(f"{stem}.c")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode()).hexdigest()
+    library = _cache_dir() / f"{stem}-{digest[:16]}.so"
+    try:
+        if not library.is_file():
+            _build(compiler, source, library)
+        return ctypes.CDLL(str(library))
+    except (OSError, subprocess.CalledProcessError) as error:
+        logger.warning("native %s unavailable (%s); using the PyTorch path", purpose, error)
+        return None
+
+
+def _build(compiler: str, source: Path, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=library.parent)
     os.close(fd)
     try:
         for command in (
-            [compiler, *_COMPILE_FLAGS, "-c", str(_SOURCE), "-o", f"{partial}.o"],
+            [compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", f"{partial}.o"],
             [compiler, *_LINK_FLAGS, f"{partial}.o", "-o", partial, "-lm"],
         ):
             subprocess.run(command, check=True, capture_output=True, timeout=120)

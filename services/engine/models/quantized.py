@@ -1,10 +1,10 @@
 """Quantized linear layers that run native kernels on the packed weight, never a dequantized copy.
 
-* :class:`Int8WeightOnlyLinear` — ``aten._weight_int8pack_mm``: int8 weight, float activations,
-  per-channel scales applied inside the kernel.
+* :class:`Int8WeightOnlyLinear` — int8 weight, float activations, per-channel scales: the
+  native kernel of ``int8_native`` (memory speed on AVX2), else ``aten._weight_int8pack_mm``.
 * :class:`W8A8Linear` — activations quantized per token to int8 on the fly, then
-  ``torch._int_mm`` (int8 x int8 -> int32) on CPUs with VNNI/AMX, else ``_weight_int8pack_mm`` over
-  the integer codes; one multiply by the token (and channel) scales after.
+  ``torch._int_mm`` (int8 x int8 -> int32) on CPUs with VNNI/AMX, else the native kernel of
+  ``int8_native`` over the integer codes (or ``_weight_int8pack_mm`` without it).
 * :class:`Int4Linear` — ``aten._weight_int4pack_mm_for_cpu`` on the CPU tile layout made by
   ``aten._convert_weight_to_int4pack_for_cpu``; the kernel computes ``(u - 8) * scale + zero``
   per group for unsigned nibbles ``u``, so symmetric codes ``c`` go in as ``c + 8`` with zero 0.
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from services.engine.models.compressed import QuantizedWeight, QuantScheme, decode, tensor_names
+from services.engine.models.int8_native import int8_matmul, int8_matmul_codes, native_int8_available
 from services.engine.models.llama import WeightSource
 from services.errors import InvalidParameterError
 
@@ -53,25 +54,35 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
+    codes: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__(weight, bias, dtype)
         self.register_buffer("codes", weight.codes.to(torch.int8).contiguous(), persistent=False)
-        self.register_buffer(
-            "scale", weight.scale.reshape(-1).to(KERNEL_DTYPE).contiguous(), persistent=False
-        )
+        # The native kernel takes float32 scales, the torch kernel bfloat16 ones (its fast path).
+        self.native = native_int8_available()
+        scale_dtype = torch.float32 if self.native else KERNEL_DTYPE
+        self.register_buffer("scale", weight.scale.reshape(-1).to(scale_dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
-        return self._finish(torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale), x)
+        flat = x.reshape(-1, self.in_features)
+        y = int8_matmul(flat, self.codes, self.scale) if self.native else None
+        if y is None:  # no kernel, or non-finite activations the kernel cannot quantize
+            y = torch.ops.aten._weight_int8pack_mm(
+                flat.to(KERNEL_DTYPE), self.codes, self.scale.to(KERNEL_DTYPE)
+            )
+        return self._finish(y, x)
 
 
 class W8A8Linear(QuantizedLinear):
     """Activations quantized per token to int8, times int8 weights, token and channel scales after.
 
-    Two native paths compute the same integer products: ``torch._int_mm`` (int8 x int8 -> int32)
-    where the CPU has int8 dot-product instructions (VNNI/AMX), and otherwise
-    ``_weight_int8pack_mm`` over the activation codes held exactly in bfloat16 (integers up to
-    127 are exact there; the kernel accumulates in float32 and rounds its output to bfloat16).
+    Three native paths compute the same integer products: ``torch._int_mm`` (int8 x int8 ->
+    int32) where the CPU has int8 dot-product instructions (VNNI/AMX); otherwise our int8
+    kernel (``int8_native.int8_matmul_codes``, integer products summed in int32 lanes); and
+    without it ``_weight_int8pack_mm`` over the activation codes held exactly in bfloat16
+    (integers up to 127 are exact there; that kernel rounds its output to bfloat16).
     Without VNNI, ``_int_mm`` measured ~10x slower than the float32 matmul on this AVX2 CPU.
     """
 
@@ -87,21 +98,28 @@ class W8A8Linear(QuantizedLinear):
     ) -> None:
         super().__init__(weight, bias, dtype)
         self.use_int_mm = cpu_has_int8_dot_product() if use_int_mm is None else use_int_mm
+        self.native = not self.use_int_mm and native_int8_available()
         self.register_buffer("codes", weight.codes.to(torch.int8).contiguous(), persistent=False)
         scale = weight.scale.reshape(-1)
-        # _int_mm path: channel scales applied in float32 after; int8pack path: inside the kernel.
-        self.register_buffer(
-            "scale", scale.float() if self.use_int_mm else scale.to(KERNEL_DTYPE), persistent=False
-        )
+        # Float32 for _int_mm (applied after) and our kernel; int8pack takes them in bfloat16.
+        scale_dtype = torch.float32 if self.use_int_mm or self.native else KERNEL_DTYPE
+        self.register_buffer("scale", scale.to(scale_dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_codes, x_scale = quantize_per_token(x.reshape(-1, self.in_features).float())
+        return self._finish(self._scaled_products(x_codes, x_scale), x)
+
+    def _scaled_products(self, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         if self.use_int_mm:
             # A transposed view of the row-major codes is what _int_mm's CPU path reads fastest.
-            y = torch._int_mm(x_codes, self.codes.t()).float() * self.scale
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x_codes.to(KERNEL_DTYPE), self.codes, self.scale).float()
-        return self._finish(y * x_scale, x)
+            return torch._int_mm(x_codes, self.codes.t()).float() * self.scale * x_scale
+        y = int8_matmul_codes(x_codes, x_scale, self.codes, self.scale) if self.native else None
+        if y is not None:  # token and channel scales applied inside
+            return y
+        by_codes: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
+            x_codes.to(KERNEL_DTYPE), self.codes, self.scale.to(KERNEL_DTYPE)
+        )
+        return by_codes.float() * x_scale
 
 
 class Int4Linear(QuantizedLinear):

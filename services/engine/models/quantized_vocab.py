@@ -5,7 +5,7 @@ For a checkpoint whose scheme targets ``Embedding`` (recipe ``int8-all``; layout
 
 * :class:`Int8Embedding` gathers the int8 rows of the step's tokens and scales only those;
   the table itself is never widened.
-* The ``lm_head`` is an :class:`Int8WeightOnlyLinear` (``aten._weight_int8pack_mm``), so the
+* The ``lm_head`` is an :class:`Int8WeightOnlyLinear` (native int8 kernel), so the
   logits matmul reads int8 instead of float32. With tied embeddings it holds the very tensor
   of the table's codes (no second copy) and the checkpoint's ``lm_head.weight_scale``, which
   is how transformers computes the tied head of such a checkpoint.
