@@ -84,8 +84,12 @@ def run_vllm(
     max_model_len: int,
     max_num_batched_tokens: int | None,
     kv_cache_gib: int = 1,
+    eager: bool = False,
+    exact_lengths: bool = True,
 ) -> VllmRun:
-    """One timed ``LLM.generate`` over the whole workload in a child process (startup untimed)."""
+    """One timed ``LLM.generate`` over the whole workload in a child process (startup untimed).
+    ``eager``: skip vLLM's graph compilation (for checks of outputs, not of speed);
+    ``exact_lengths``: hold EOS back until each request has its length (vLLM's min_tokens)."""
     job = {
         "model": str(model_dir),
         "dtype": dtype,
@@ -96,6 +100,9 @@ def run_vllm(
         "max_num_batched_tokens": max_num_batched_tokens,
         "prompts": workload.prompts,
         "output_lengths": workload.output_lengths,
+        "enforce_eager": eager,
+        "skip_tokenizer_init": eager,
+        "exact_lengths": exact_lengths,
     }
     done = subprocess.run(
         [str(python), str(_WORKER)], input=json.dumps(job), capture_output=True, text=True, check=False

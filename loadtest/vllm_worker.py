@@ -37,6 +37,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     budget = job.get("max_num_batched_tokens")
     limits = {"max_num_batched_tokens": int(budget)} if budget else {}  # None: vLLM's own default
+    # A check of outputs, not of speed, may skip vLLM's minutes of torch.compile at start-up,
+    # and prompts go in as token ids, so a checkpoint without tokenizer files loads too.
+    for option in ("enforce_eager", "skip_tokenizer_init"):
+        if job.get(option):
+            limits[option] = True
     started = time.perf_counter()
     llm = LLM(
         model=job["model"],
@@ -49,8 +54,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     startup_s = time.perf_counter() - started
     scheduler = llm.llm_engine.vllm_config.scheduler_config
 
+    # min_tokens holds EOS back until a request has its length, so that every contender does the
+    # same work; a check of outputs leaves EOS to the model, as our engine's ignore_eos does.
+    exact_lengths = job.get("exact_lengths", True)
+
     def params(n: int) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        return SamplingParams(
+            temperature=0.0, max_tokens=n, min_tokens=n if exact_lengths else 0, ignore_eos=True
+        )
 
     # Untimed warm-up, as for every contender: one short request.
     llm.generate([TokensPrompt(prompt_token_ids=[5] * 32)], params(4), use_tqdm=False)
