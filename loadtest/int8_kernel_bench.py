@@ -7,7 +7,7 @@ One pass runs every projection of ``--layers`` decoder layers shaped like SmolLM
 weights of its own, so that (as in a decode step) every weight comes from DRAM rather than
 a cache; the vocabulary head (49152 x 576) is timed alone. Contenders: the float32 weight
 packed for oneDNN (what the float32 engine runs), ``aten._weight_int8pack_mm`` on bfloat16
-activations, and our kernel (``services/engine/int8_matmul.c``). Best of ``--repeats``.
+activations, and our kernel (``services/engine/narrow_matmul.c``). Best of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.models.int8_native import int8_matmul, native_int8_available
+from services.engine.models.narrow_native import int8_matmul, native_kernels_available
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (out, in)
 HEAD_SHAPE = (49152, 576)
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    if not native_int8_available():
+    if not native_kernels_available():
         print("the native int8 kernel could not be built here (no C compiler?)")
         return 1
     torch.set_num_threads(args.threads)

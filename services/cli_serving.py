@@ -48,7 +48,10 @@ def add_serving_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     serve_cmd.add_argument("--no-auth", action="store_true", help="accept RPCs without an API key")
     serve_cmd.add_argument(
-        "--variants", nargs="+", default=None, metavar="MODEL@RECIPE",
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="MODEL@RECIPE",
         help="published quantized variants to serve next to their source (needs --redis-url)",
     )
     serve_cmd.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")

@@ -164,9 +164,7 @@ class DetokenizerStage:
         if token_texts is None:
             token_texts = self._token_texts[request.model] = TokenTexts(tokenizer)
         text = RequestText(tokenizer, request, assignment.next_text_index, token_texts)
-        self._owned[request.request_id] = _Owned(
-            assignment.entry_id, text, OutputCursor(request.request_id)
-        )
+        self._owned[request.request_id] = _Owned(assignment.entry_id, text, OutputCursor(request.request_id))
         if assignment.next_text_index:
             logger.info(
                 "request taken over",

@@ -1,7 +1,8 @@
 """The engine's native CPU kernels, built on first use.
 
 - ``paged_decode.c``: decode attention reading the paged KV cache in place.
-- ``int8_matmul.c``: int8-weight projections at memory speed on AVX2 (quantized variants).
+- ``narrow_matmul.c``: projections over int8 or bfloat16 weights at memory speed on AVX2
+  (quantized variants).
 
 Each is plain C: the system C compiler builds it in well under a second into
 ``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of the source and flags, written
@@ -62,18 +63,14 @@ def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defin
 
 
 @functools.cache
-def int8_matmul_kernels() -> Int8Kernels | None:
-    """The compiled int8-weight matmuls (float rows, quantized rows), or None when they cannot be built."""
-    handle = _library("int8_matmul", "int8 projections")
+def narrow_matmul_kernels() -> NarrowMatmulKernels | None:
+    """The compiled kernels of ``narrow_matmul.c``, or None when they cannot be built."""
+    handle = _library("narrow_matmul", "int8 and bfloat16 projections")
     if handle is None:
         return None
     pointer = ctypes.c_void_p
-    float_rows = handle.int8_weight_matmul
-    float_rows.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, pointer, _I64, ctypes.c_int]
-    float_rows.restype = ctypes.c_int
-    quantized_rows = handle.int8_matmul_quantized_rows
-    quantized_rows.argtypes = [
-        pointer,
+    int8 = handle.int8_weight_matmul
+    int8.argtypes = [
         pointer,
         _I64,
         _I64,
@@ -83,14 +80,18 @@ def int8_matmul_kernels() -> Int8Kernels | None:
         pointer,
         _I64,
         ctypes.c_int,
+        ctypes.c_int,
     ]
-    quantized_rows.restype = ctypes.c_int
-    return Int8Kernels(float_rows, quantized_rows)
+    bf16 = handle.bf16_weight_matmul
+    bf16.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, _I64, ctypes.c_int]
+    for function in (int8, bf16):
+        function.restype = ctypes.c_int
+    return NarrowMatmulKernels(int8, bf16)
 
 
-class Int8Kernels(NamedTuple):
-    float_rows: Any  # int8_weight_matmul: quantizes float32 rows to int16 itself
-    quantized_rows: Any  # int8_matmul_quantized_rows: int16 codes and their row scales
+class NarrowMatmulKernels(NamedTuple):
+    int8: Any  # int8_weight_matmul: float32 x, quantized per row inside; int8 weight, row scales
+    bf16: Any  # bf16_weight_matmul: float32 x, bfloat16 weight
 
 
 def _library(stem: str, purpose: str) -> ctypes.CDLL | None:

@@ -371,4 +371,3 @@ class EngineReplica:
             logger.warning("lease lost; dropping request", extra={"request_id": request_id})
             self.engine.abort(request_id)
             self._held.pop(request_id, None)
-

@@ -42,9 +42,7 @@ def counted_unary(method: UnaryMethod[_Self, _Response]) -> UnaryMethod[_Self, _
 
 def counted_stream(method: StreamMethod[_Self, _Response]) -> StreamMethod[_Self, _Response]:
     @functools.wraps(method)
-    async def counted(
-        self: _Self, raw: bytes, grpc_context: CallContext
-    ) -> AsyncGenerator[_Response, None]:
+    async def counted(self: _Self, raw: bytes, grpc_context: CallContext) -> AsyncGenerator[_Response, None]:
         try:
             # Closed with this wrapper, not whenever it is collected: the method's cleanup (it
             # cancels an abandoned request) runs when the client goes away.

@@ -239,9 +239,7 @@ class IngressService:
             timer.message(delta.finish_reason)
             yield delta
 
-    async def _accept(
-        self, request: pb.GenerateRequest, grpc_context: CallContext
-    ) -> GenerationRequest:
+    async def _accept(self, request: pb.GenerateRequest, grpc_context: CallContext) -> GenerationRequest:
         parsed = convert.parse_generate(request)
         model = await self._served.resolve(parsed.model)
         tenant = await self._authenticate(grpc_context, model)
@@ -278,9 +276,7 @@ class IngressService:
         )
         return accepted
 
-    async def _follow(
-        self, stream: StreamRequest, grpc_context: CallContext
-    ) -> AsyncIterator[TextDelta]:
+    async def _follow(self, stream: StreamRequest, grpc_context: CallContext) -> AsyncIterator[TextDelta]:
         """Relay the request's text deltas; a stream that ends early cancels the request."""
         finished = False  # True also when the client is told to resume
         next_index = stream.from_token

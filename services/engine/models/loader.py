@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from services.engine.models.compressed import scheme_from_config
 from services.engine.models.cpu_gemm import packing_applies, prepack_linears
+from services.engine.models.half_vocab import keep_tied_table_in_bf16
 from services.engine.models.layers import Linear
 from services.engine.models.llama import LlamaFamilyModel, WeightSource, checkpoint_layout
 from services.engine.models.manifest import verify_manifest
@@ -88,6 +89,8 @@ def load_model(
     model.eval()
     parameters = sum(param.numel() for param in model.parameters())
     packed = 0
+    # A variant's tied bfloat16 table stays bfloat16 on a float32 engine (see half_vocab.py).
+    narrow_table = scheme is not None and dtype == torch.float32 and keep_tied_table_in_bf16(model)
     if packing_applies(device, linear_dtype):
         # Here a missing lm_head means a float32 table that compute_logits reads (tied). Its
         # packed copy is a second table in memory: a quantized variant, made to be small,
@@ -102,6 +105,7 @@ def load_model(
             "num_layers": spec.num_layers,
             "parameters": parameters,
             "packed_linears": packed,
+            "bf16_tied_table": narrow_table,
             "dtype": str(dtype),
             "matmul_dtype": str(linear_dtype),
             "device": str(device),

@@ -1,10 +1,10 @@
 """Quantized linear layers that run native kernels on the packed weight, never a dequantized copy.
 
 * :class:`Int8WeightOnlyLinear` — int8 weight, float activations, per-channel scales: the
-  native kernel of ``int8_native`` (memory speed on AVX2), else ``aten._weight_int8pack_mm``.
+  native kernel of ``narrow_native`` (memory speed on AVX2), else ``aten._weight_int8pack_mm``.
 * :class:`W8A8Linear` — activations quantized per token to int8 on the fly, then
   ``torch._int_mm`` (int8 x int8 -> int32) on CPUs with VNNI/AMX, else the native kernel of
-  ``int8_native`` over the integer codes (or ``_weight_int8pack_mm`` without it).
+  ``narrow_native`` over the integer codes (or ``_weight_int8pack_mm`` without it).
 * :class:`Int4Linear` — ``aten._weight_int4pack_mm_for_cpu`` on the CPU tile layout made by
   ``aten._convert_weight_to_int4pack_for_cpu``; the kernel computes ``(u - 8) * scale + zero``
   per group for unsigned nibbles ``u``, so symmetric codes ``c`` go in as ``c + 8`` with zero 0.
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from services.engine.models.compressed import QuantizedWeight, QuantScheme, decode, tensor_names
-from services.engine.models.int8_native import int8_matmul, int8_matmul_codes, native_int8_available
 from services.engine.models.llama import WeightSource
+from services.engine.models.narrow_native import INT8_LEVELS, int8_matmul, native_kernels_available
 from services.errors import InvalidParameterError
 
 # The CPU kernels of _weight_int8pack_mm and _weight_int4pack_mm_for_cpu are vectorized for
@@ -61,7 +61,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         super().__init__(weight, bias, dtype)
         self.register_buffer("codes", weight.codes.to(torch.int8).contiguous(), persistent=False)
         # The native kernel takes float32 scales, the torch kernel bfloat16 ones (its fast path).
-        self.native = native_int8_available()
+        self.native = native_kernels_available()
         scale_dtype = torch.float32 if self.native else KERNEL_DTYPE
         self.register_buffer("scale", weight.scale.reshape(-1).to(scale_dtype).contiguous(), persistent=False)
 
@@ -80,9 +80,10 @@ class W8A8Linear(QuantizedLinear):
 
     Three native paths compute the same integer products: ``torch._int_mm`` (int8 x int8 ->
     int32) where the CPU has int8 dot-product instructions (VNNI/AMX); otherwise our int8
-    kernel (``int8_native.int8_matmul_codes``, integer products summed in int32 lanes); and
-    without it ``_weight_int8pack_mm`` over the activation codes held exactly in bfloat16
-    (integers up to 127 are exact there; that kernel rounds its output to bfloat16).
+    kernel (``narrow_native.int8_matmul`` with int8 activation levels: it quantizes the rows
+    itself and sums the products in int32 lanes); and without it ``_weight_int8pack_mm`` over
+    the activation codes held exactly in bfloat16 (integers up to 127 are exact there; that
+    kernel rounds its output to bfloat16).
     Without VNNI, ``_int_mm`` measured ~10x slower than the float32 matmul on this AVX2 CPU.
     """
 
@@ -98,7 +99,7 @@ class W8A8Linear(QuantizedLinear):
     ) -> None:
         super().__init__(weight, bias, dtype)
         self.use_int_mm = cpu_has_int8_dot_product() if use_int_mm is None else use_int_mm
-        self.native = not self.use_int_mm and native_int8_available()
+        self.native = not self.use_int_mm and native_kernels_available()
         self.register_buffer("codes", weight.codes.to(torch.int8).contiguous(), persistent=False)
         scale = weight.scale.reshape(-1)
         # Float32 for _int_mm (applied after) and our kernel; int8pack takes them in bfloat16.
@@ -106,16 +107,17 @@ class W8A8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.to(scale_dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_codes, x_scale = quantize_per_token(x.reshape(-1, self.in_features).float())
-        return self._finish(self._scaled_products(x_codes, x_scale), x)
+        flat = x.reshape(-1, self.in_features).float()
+        # Our kernel quantizes each row to int8 codes itself (as quantize_per_token does).
+        y = int8_matmul(flat, self.codes, self.scale, INT8_LEVELS) if self.native else None
+        if y is None:
+            y = self._scaled_products(*quantize_per_token(flat))
+        return self._finish(y, x)
 
     def _scaled_products(self, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         if self.use_int_mm:
             # A transposed view of the row-major codes is what _int_mm's CPU path reads fastest.
             return torch._int_mm(x_codes, self.codes.t()).float() * self.scale * x_scale
-        y = int8_matmul_codes(x_codes, x_scale, self.codes, self.scale) if self.native else None
-        if y is not None:  # token and channel scales applied inside
-            return y
         by_codes: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
             x_codes.to(KERNEL_DTYPE), self.codes, self.scale.to(KERNEL_DTYPE)
         )

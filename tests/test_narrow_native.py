@@ -1,21 +1,35 @@
-"""The native int8-weight matmul (``services/engine/int8_matmul.c``): its numerics against a
-float matmul on the dequantized weight, at shapes that exercise every edge of its blocking
+"""The native matmuls over narrow weights (``services/engine/narrow_matmul.c``): int8 and
+bfloat16 numerics against a float matmul, at shapes that exercise every edge of the blocking
 (rows in odd counts, columns not a multiple of the vector width, output rows not a multiple
-of the block, rows longer than one integer chunk), with one and two threads; and the module
-falling back to PyTorch where the kernel cannot serve a call."""
+of the block, rows longer than one integer chunk), with one and two threads; the modules
+falling back to PyTorch where the kernel cannot serve a call; and a quantized variant's tied
+bfloat16 table kept in bfloat16 on a float32 engine, with the same logits."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from services.engine.models import load_model
 from services.engine.models.compressed import QuantizedWeight
-from services.engine.models.int8_native import int8_matmul, int8_matmul_codes, native_int8_available
+from services.engine.models.half_vocab import Bf16TableHead, WideningEmbedding
+from services.engine.models.narrow_native import (
+    INT8_LEVELS,
+    bf16_matmul,
+    int8_matmul,
+    native_kernels_available,
+)
 from services.engine.models.quantized import Int8WeightOnlyLinear, W8A8Linear, quantize_per_token
-from services.optimizer.recipes import RECIPES
+from services.optimizer.recipes import RECIPES, get_recipe
+from services.optimizer.writer import quantize_checkpoint, write_variant
+from tests.checkpoints import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
-    not native_int8_available(), reason="no C compiler here, so the native int8 kernel is not built"
+    not native_kernels_available(), reason="no C compiler here, so the native int8 kernel is not built"
 )
 
 
@@ -51,7 +65,7 @@ def test_matches_a_float_matmul_on_the_dequantized_weight(
 
 
 @pytest.mark.parametrize("rows", [1, 2, 17])
-def test_quantized_rows_give_the_exact_integer_products_scaled(rows: int) -> None:
+def test_w8a8_rows_give_the_exact_integer_products_of_per_token_codes(rows: int) -> None:
     weight = RECIPES["w8a8"].quantize(torch.randn(50, 333, generator=torch.Generator().manual_seed(4)))
     x = torch.randn(rows, 333, generator=torch.Generator().manual_seed(5))
     x_codes, x_scale = quantize_per_token(x)
@@ -59,9 +73,10 @@ def test_quantized_rows_give_the_exact_integer_products_scaled(rows: int) -> Non
         (x_codes.double() @ weight.codes.double().T) * x_scale.double() * weight.scale.double().reshape(1, -1)
     )
     codes, scale = weight.codes.to(torch.int8).contiguous(), weight.scale.reshape(-1).float()
-    actual = int8_matmul_codes(x_codes, x_scale, codes, scale)
+    actual = int8_matmul(x, codes, scale, INT8_LEVELS)
     assert actual is not None
-    # Integer sums are exact; only the float32 scaling rounds.
+    # The kernel's codes are quantize_per_token's; integer sums are exact; only the float32
+    # scaling rounds.
     torch.testing.assert_close(actual.double(), exact, rtol=1e-6, atol=1e-6)
     layer = W8A8Linear(weight, None, torch.float32, use_int_mm=False)
     assert layer.native
@@ -110,3 +125,46 @@ def test_no_rows_give_an_empty_result() -> None:
         torch.empty(0, 32), weight.codes.to(torch.int8).contiguous(), weight.scale.reshape(-1).float()
     )
     assert actual is not None and actual.shape == (0, 8)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 96, 128), (3, 97, 100), (17, 6, 577)])
+def test_bf16_weights_give_the_float32_product(
+    rows: int, out_features: int, in_features: int, threads: int
+) -> None:
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = bf16_matmul(x, weight)
+    finally:
+        torch.set_num_threads(previous)
+    assert actual is not None and actual.dtype == torch.float32
+    torch.testing.assert_close(actual, x @ weight.float().T, rtol=1e-5, atol=1e-4)
+
+
+def _bfloat16_checkpoint(out_dir: Path) -> Path:
+    source = make_tiny_checkpoint("llama", out_dir, tie_word_embeddings=True)
+    weights = source / "model.safetensors"
+    save_file({name: tensor.to(torch.bfloat16) for name, tensor in load_file(weights).items()}, weights)
+    return source
+
+
+def test_a_variant_keeps_its_tied_bfloat16_table_and_its_logits(tmp_path: Path) -> None:
+    source = _bfloat16_checkpoint(tmp_path / "source")
+    recipe, variant = get_recipe("int8"), tmp_path / "int8"
+    variant.mkdir()
+    write_variant(source, quantize_checkpoint(source, recipe), recipe, variant)
+    model, spec = load_model(variant, torch.device("cpu"), torch.float32)
+    assert spec.tie_word_embeddings
+    assert isinstance(model.embed_tokens, WideningEmbedding) and isinstance(model.lm_head, Bf16TableHead)
+    table = model.embed_tokens.weight
+    assert table.dtype == torch.bfloat16 and model.lm_head.table is table  # one table, half the bytes
+    ids = torch.tensor([0, 5, 7])
+    assert torch.equal(model.embed_tokens(ids), table.float()[ids])
+    rows = torch.randn(5, spec.hidden_size)
+    torch.testing.assert_close(
+        model.compute_logits(rows), F.linear(rows, table.float()), rtol=1e-5, atol=1e-5
+    )

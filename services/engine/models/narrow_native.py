@@ -1,0 +1,76 @@
+"""The native matmuls over narrow weights (``services/engine/narrow_matmul.c``) as tensor functions.
+
+- :func:`int8_matmul`: float rows, quantized per row inside the kernel, to int16 for
+  weight-only int8 (see the C file for why that is finer than the bfloat16 activations of
+  ``aten._weight_int8pack_mm``) or to int8 codes for w8a8; the products are exact integers.
+- :func:`bf16_matmul`: float rows times a bfloat16 weight, in float32.
+
+The int8 ones run the products on integers; all read the weight at memory speed. Callers
+keep a PyTorch path: each returns None where the kernel cannot serve a call (not built; for
+float rows into int8, a row of ``x`` that is not finite).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.engine import native
+
+INT16_LEVELS = 32767  # weight-only int8: activations at int16 precision
+INT8_LEVELS = 127  # w8a8: activations as int8 codes
+_OK = 0
+_NO_MEMORY = 2
+_NOT_FINITE = 3
+
+
+def native_kernels_available() -> bool:
+    return native.narrow_matmul_kernels() is not None
+
+
+def int8_matmul(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, activation_levels: int = INT16_LEVELS
+) -> torch.Tensor | None:
+    """``x @ (codes * scale[:, None]).T`` in float32, for ``x`` [rows, in] and int8 ``codes``
+    [out, in] with float32 ``scale`` [out]. Each row of ``x`` is quantized inside the kernel
+    to ``activation_levels`` symmetric steps: :data:`INT16_LEVELS` (weight-only int8, finer
+    than bfloat16) or :data:`INT8_LEVELS` (w8a8's per-token int8 codes). None where the
+    native kernel cannot serve the call (not built, or a row of ``x`` is not finite)."""
+    kernels = native.narrow_matmul_kernels()
+    if kernels is None:
+        return None
+    rows, out_features, in_features = x.shape[0], codes.shape[0], codes.shape[1]
+    if rows == 0:
+        return x.new_empty((0, out_features), dtype=torch.float32)
+    flat = x.to(torch.float32).contiguous()
+    y = torch.empty((rows, out_features), dtype=torch.float32)
+    status = kernels.int8(
+        flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
+        out_features, torch.get_num_threads(), activation_levels,
+    )  # fmt: skip
+    return None if status == _NOT_FINITE else _checked(y, status, rows, in_features)
+
+
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` in float32 for float rows ``x`` [rows, in] and a bfloat16 ``weight``
+    [out, in] (contiguous); None where the native kernel is not built."""
+    kernels = native.narrow_matmul_kernels()
+    if kernels is None:
+        return None
+    rows, out_features, in_features = x.shape[0], weight.shape[0], weight.shape[1]
+    if rows == 0:
+        return x.new_empty((0, out_features), dtype=torch.float32)
+    flat = x.to(torch.float32).contiguous()
+    y = torch.empty((rows, out_features), dtype=torch.float32)
+    status = kernels.bf16(
+        flat.data_ptr(), rows, in_features, weight.data_ptr(), None, y.data_ptr(), out_features,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return _checked(y, status, rows, in_features)
+
+
+def _checked(y: torch.Tensor, status: int, rows: int, in_features: int) -> torch.Tensor:
+    if status == _NO_MEMORY:
+        raise MemoryError(f"int8 matmul: no memory for the int16 copy of {rows} x {in_features} activations")
+    if status != _OK:
+        raise RuntimeError(f"int8 matmul rejected its arguments (status {status})")
+    return y
