@@ -12,6 +12,8 @@ float rows into int8, a row of ``x`` that is not finite).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from services.engine import native
@@ -38,16 +40,18 @@ def int8_matmul(
     kernels = native.narrow_matmul_kernels()
     if kernels is None:
         return None
-    rows, out_features, in_features = x.shape[0], codes.shape[0], codes.shape[1]
-    if rows == 0:
-        return x.new_empty((0, out_features), dtype=torch.float32)
-    flat = x.to(torch.float32).contiguous()
-    y = torch.empty((rows, out_features), dtype=torch.float32)
-    status = kernels.int8(
-        flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
-        out_features, torch.get_num_threads(), activation_levels,
-    )  # fmt: skip
-    return None if status == _NOT_FINITE else _checked(y, status, rows, in_features)
+    out_features, in_features = codes.shape
+    threads = torch.get_num_threads()
+
+    def launch(x_ptr: int, rows: int, y_ptr: int) -> int:
+        status: int = kernels.int8(
+            x_ptr, rows, in_features, codes.data_ptr(), scale.data_ptr(), None, y_ptr, out_features, threads,
+            activation_levels,
+        )  # fmt: skip
+        return status
+
+    y, status = _run(x, out_features, launch)
+    return None if status == _NOT_FINITE else _checked(y, status, x.shape[0], in_features)
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -56,16 +60,30 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     kernels = native.narrow_matmul_kernels()
     if kernels is None:
         return None
-    rows, out_features, in_features = x.shape[0], weight.shape[0], weight.shape[1]
-    if rows == 0:
-        return x.new_empty((0, out_features), dtype=torch.float32)
-    flat = x.to(torch.float32).contiguous()
+    out_features, in_features = weight.shape
+    threads = torch.get_num_threads()
+
+    def launch(x_ptr: int, rows: int, y_ptr: int) -> int:
+        status: int = kernels.bf16(
+            x_ptr, rows, in_features, weight.data_ptr(), None, y_ptr, out_features, threads
+        )
+        return status
+
+    y, status = _run(x, out_features, launch)
+    return _checked(y, status, x.shape[0], in_features)
+
+
+def _run(
+    x: torch.Tensor, out_features: int, launch: Callable[[int, int, int], int]
+) -> tuple[torch.Tensor, int]:
+    """A float32 output [rows, out_features] filled by ``launch(x pointer, rows, y pointer)``
+    over a contiguous float32 copy of ``x``, and the kernel's status."""
+    rows = x.shape[0]
     y = torch.empty((rows, out_features), dtype=torch.float32)
-    status = kernels.bf16(
-        flat.data_ptr(), rows, in_features, weight.data_ptr(), None, y.data_ptr(), out_features,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return _checked(y, status, rows, in_features)
+    if rows == 0:
+        return y, _OK
+    flat = x.to(torch.float32).contiguous()  # alive until launch returns
+    return y, launch(flat.data_ptr(), rows, y.data_ptr())
 
 
 def _checked(y: torch.Tensor, status: int, rows: int, in_features: int) -> torch.Tensor:
