@@ -20,10 +20,12 @@ from services.engine.models.half_vocab import Bf16TableHead, WideningEmbedding
 from services.engine.models.narrow_native import (
     INT8_LEVELS,
     bf16_matmul,
+    int4_matmul,
     int8_matmul,
     native_kernels_available,
+    pack_int4_codes,
 )
-from services.engine.models.quantized import Int8WeightOnlyLinear, W8A8Linear, quantize_per_token
+from services.engine.models.quantized import Int4Linear, Int8WeightOnlyLinear, W8A8Linear, quantize_per_token
 from services.optimizer.recipes import RECIPES, get_recipe
 from services.optimizer.writer import quantize_checkpoint, write_variant
 from tests.checkpoints import make_tiny_checkpoint
@@ -168,3 +170,44 @@ def test_a_variant_keeps_its_tied_bfloat16_table_and_its_logits(tmp_path: Path) 
     torch.testing.assert_close(
         model.compute_logits(rows), F.linear(rows, table.float()), rtol=1e-5, atol=1e-5
     )
+
+
+def _int4_weight(out_features: int, in_features: int, group_size: int) -> QuantizedWeight:
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(7))
+    groups = weight.reshape(out_features, in_features // group_size, group_size)
+    scale = (groups.abs().amax(dim=-1) / 7).clamp(min=1e-8)  # [out, groups]
+    codes = torch.round(groups / scale[..., None]).clamp(-8, 7).reshape(out_features, in_features)
+    return QuantizedWeight(codes.to(torch.int8), scale, num_bits=4, group_size=group_size)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features", "group_size"),
+    [(1, 96, 128, 32), (2, 97, 576, 32), (5, 30, 1536, 64), (33, 7, 256, 128)],
+)
+def test_int4_matches_a_float_matmul_on_the_dequantized_weight(
+    rows: int, out_features: int, in_features: int, group_size: int, threads: int
+) -> None:
+    weight = _int4_weight(out_features, in_features, group_size)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(8))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = int4_matmul(x, pack_int4_codes(weight.codes), weight.scale.float().contiguous(), group_size)
+    finally:
+        torch.set_num_threads(previous)
+    assert actual is not None and actual.shape == (rows, out_features)
+    expected = x.double() @ weight.dequantize().double().T
+    assert _relative_error(actual.double(), expected) < 2e-4  # int16 activations, as for int8
+
+
+def test_int4_layer_unpacks_its_nibbles_to_the_codes_and_falls_back_on_non_finite_rows() -> None:
+    weight = _int4_weight(16, 64, 32)
+    layer = Int4Linear(weight, None, torch.float32)
+    assert layer.native
+    assert torch.equal(layer._dequantized(), weight.dequantize())
+    x = torch.randn(3, 64)
+    x[2, 0] = float("nan")
+    y = layer(x)
+    assert torch.isfinite(y[:2]).all() and not torch.isfinite(y[2]).all()
+    torch.testing.assert_close(y[:2], x[:2] @ weight.dequantize().T, rtol=1e-3, atol=1e-3)

@@ -1,7 +1,7 @@
 """The engine's native CPU kernels, built on first use.
 
 - ``paged_decode.c``: decode attention reading the paged KV cache in place.
-- ``narrow_matmul.c``: projections over int8 or bfloat16 weights at memory speed on AVX2
+- ``narrow_matmul.c``: projections over int8, int4 or bfloat16 weights at memory speed on AVX2
   (quantized variants).
 
 Each is plain C: the system C compiler builds it in well under a second into
@@ -82,15 +82,18 @@ def narrow_matmul_kernels() -> NarrowMatmulKernels | None:
         ctypes.c_int,
         ctypes.c_int,
     ]
+    int4 = handle.int4_weight_matmul
+    int4.argtypes = [pointer, _I64, _I64, pointer, pointer, _I64, pointer, pointer, _I64, ctypes.c_int]
     bf16 = handle.bf16_weight_matmul
     bf16.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, _I64, ctypes.c_int]
-    for function in (int8, bf16):
+    for function in (int8, int4, bf16):
         function.restype = ctypes.c_int
-    return NarrowMatmulKernels(int8, bf16)
+    return NarrowMatmulKernels(int8, int4, bf16)
 
 
 class NarrowMatmulKernels(NamedTuple):
     int8: Any  # int8_weight_matmul: float32 x, quantized per row inside; int8 weight, row scales
+    int4: Any  # int4_weight_matmul: float32 x, int4 nibbles with a scale per group of columns
     bf16: Any  # bf16_weight_matmul: float32 x, bfloat16 weight
 
 

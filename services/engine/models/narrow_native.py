@@ -3,6 +3,7 @@
 - :func:`int8_matmul`: float rows, quantized per row inside the kernel, to int16 for
   weight-only int8 (see the C file for why that is finer than the bfloat16 activations of
   ``aten._weight_int8pack_mm``) or to int8 codes for w8a8; the products are exact integers.
+- :func:`int4_matmul`: float rows (to int16 inside) times group-wise int4 codes.
 - :func:`bf16_matmul`: float rows times a bfloat16 weight, in float32.
 
 The int8 ones run the products on integers; all read the weight at memory speed. Callers
@@ -47,6 +48,42 @@ def int8_matmul(
         status: int = kernels.int8(
             x_ptr, rows, in_features, codes.data_ptr(), scale.data_ptr(), None, y_ptr, out_features, threads,
             activation_levels,
+        )  # fmt: skip
+        return status
+
+    y, status = _run(x, out_features, launch)
+    return None if status == _NOT_FINITE else _checked(y, status, x.shape[0], in_features)
+
+
+def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Int4 codes [out, in] (int8 values in [-8, 7], ``in`` a multiple of 32) as the kernel's
+    nibbles [out, in // 2] uint8: in each 32-column chunk, byte j holds column j + 8 in its low
+    nibble and column 16 + j + 8 in its high one (so one mask and one shift unpack a chunk)."""
+    out_features, in_features = codes.shape
+    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(out_features, in_features // 32, 2, 16)
+    return (
+        (unsigned[:, :, 0, :] | (unsigned[:, :, 1, :] << 4))
+        .reshape(out_features, in_features // 2)
+        .contiguous()
+    )
+
+
+def int4_matmul(
+    x: torch.Tensor, nibbles: torch.Tensor, group_scale: torch.Tensor, group_size: int
+) -> torch.Tensor | None:
+    """``x @ W.T`` in float32 for the int4 weight ``W`` in :func:`pack_int4_codes`'s layout with
+    float32 ``group_scale`` [out, in // group_size]; None where the native kernel cannot serve
+    the call (not built, or a row of ``x`` is not finite)."""
+    kernels = native.narrow_matmul_kernels()
+    if kernels is None:
+        return None
+    out_features, in_features = nibbles.shape[0], 2 * nibbles.shape[1]
+    threads = torch.get_num_threads()
+
+    def launch(x_ptr: int, rows: int, y_ptr: int) -> int:
+        status: int = kernels.int4(
+            x_ptr, rows, in_features, nibbles.data_ptr(), group_scale.data_ptr(), group_size, None, y_ptr,
+            out_features, threads,
         )  # fmt: skip
         return status
 

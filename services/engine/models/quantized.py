@@ -5,8 +5,9 @@
 * :class:`W8A8Linear` — activations quantized per token to int8 on the fly, then
   ``torch._int_mm`` (int8 x int8 -> int32) on CPUs with VNNI/AMX, else the native kernel of
   ``narrow_native`` over the integer codes (or ``_weight_int8pack_mm`` without it).
-* :class:`Int4Linear` — ``aten._weight_int4pack_mm_for_cpu`` on the CPU tile layout made by
-  ``aten._convert_weight_to_int4pack_for_cpu``; the kernel computes ``(u - 8) * scale + zero``
+* :class:`Int4Linear` — our kernel on its own nibble layout (``narrow_native``), else
+  ``aten._weight_int4pack_mm_for_cpu`` on the CPU tile layout made by
+  ``aten._convert_weight_to_int4pack_for_cpu``; that kernel computes ``(u - 8) * scale + zero``
   per group for unsigned nibbles ``u``, so symmetric codes ``c`` go in as ``c + 8`` with zero 0.
 
 Each is built from a :class:`QuantizedWeight` whose rows may be the concatenation
@@ -21,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from services.engine.models.compressed import QuantizedWeight, QuantScheme, decode, tensor_names
 from services.engine.models.llama import WeightSource
-from services.engine.models.narrow_native import INT8_LEVELS, int8_matmul, native_kernels_available
+from services.engine.models.narrow_native import (
+    INT8_LEVELS,
+    int4_matmul,
+    int8_matmul,
+    native_kernels_available,
+    pack_int4_codes,
+)
 from services.errors import InvalidParameterError
 
 # The CPU kernels of _weight_int8pack_mm and _weight_int4pack_mm_for_cpu are vectorized for
@@ -125,11 +133,22 @@ class W8A8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
+    """Group-wise int4: our kernel (``narrow_native.int4_matmul``) on its own nibble layout
+    where it is built and the groups are whole 32-column chunks, else torch's CPU int4 kernel."""
+
+    nibbles: torch.Tensor
+    group_scale: torch.Tensor
+
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__(weight, bias, dtype)
         if weight.group_size is None:
             raise InvalidParameterError("group_size", None, "int4 weights need a group size")
         self.group_size = weight.group_size
+        self.native = native_kernels_available() and self.group_size % 32 == 0
+        if self.native:
+            self.register_buffer("nibbles", pack_int4_codes(weight.codes), persistent=False)
+            self.register_buffer("group_scale", weight.scale.float().contiguous(), persistent=False)
+            return
         unsigned = (weight.codes.to(torch.int32) + 8).contiguous()
         # innerKTiles only has to divide in_features / 16 on CPU; 1 always does.
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
@@ -139,11 +158,22 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scale_and_zero", scale_and_zero, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        flat = x.reshape(-1, self.in_features)
+        if self.native:
+            y = int4_matmul(flat, self.nibbles, self.group_scale, self.group_size)
+            if y is None:  # activations that are not finite: as a float matmul would take them
+                y = F.linear(flat.float(), self._dequantized())
+            return self._finish(y, x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, self.group_size, self.scale_and_zero
+            flat.to(KERNEL_DTYPE), self.packed, self.group_size, self.scale_and_zero
         )
         return self._finish(y, x)
+
+    def _dequantized(self) -> torch.Tensor:
+        chunks = self.nibbles.reshape(self.out_features, self.in_features // 32, 1, 16)
+        unsigned = torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(self.out_features, self.in_features)
+        codes = unsigned.to(torch.int16) - 8
+        return codes.float() * self.group_scale.repeat_interleave(self.group_size, dim=1)
 
 
 def cpu_has_int8_dot_product() -> bool:
