@@ -13,7 +13,9 @@
  * at most KCHUNK / 8 products of |w| <= 127 and |x| <= 32767, below 2^31; lanes and chunks are
  * summed in float. w8a8 asks for 127 levels instead of 32767: its int8 activation codes, as
  * services/engine/models/quantized.py's quantize_per_token makes them (symmetric per row,
- * round half to even), quantized here so that no PyTorch op runs per projection. A row of x
+ * round half to even; x times the step's reciprocal here, x divided by the step there, so a
+ * value on an exact half may land one code apart), quantized here so that no PyTorch op runs
+ * per projection. A row of x
  * holding inf or NaN cannot be quantized: the call returns NOT_FINITE and the caller computes
  * that call another way.
  *
