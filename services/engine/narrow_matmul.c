@@ -237,6 +237,29 @@ static void bf16_dot_block(const uint16_t *const rows[ROWS_PER_BLOCK], const flo
     out_a[0] = float_lane_sum(a0); out_a[1] = float_lane_sum(a1); out_a[2] = float_lane_sum(a2); out_a[3] = float_lane_sum(a3);
     out_b[0] = float_lane_sum(b0); out_b[1] = float_lane_sum(b1); out_b[2] = float_lane_sum(b2); out_b[3] = float_lane_sum(b3);
 }
+/* Two bfloat16 weight rows against six x rows: twelve accumulators, so that each weight is
+ * widened once per six rows of x (at 16 rows and more the widening, not memory, bounded the
+ * four-by-two pass above). */
+#define WIDE_ROWS 6
+static void bf16_dot_2x6(const uint16_t *r0, const uint16_t *r1, const float *x, int64_t k, int64_t k_vector,
+                         int prefetch_ahead, float out[2][WIDE_ROWS]) {
+    __m256 acc0[WIDE_ROWS], acc1[WIDE_ROWS];
+    for (int m = 0; m < WIDE_ROWS; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k_vector; i += 8) {
+        /* The first pass over a block fetches the next block's 4 contiguous rows: a line per 8 columns. */
+        if (prefetch_ahead) _mm_prefetch((const char *)(r0 + PREFETCH_ROWS * k + 4 * i), _MM_HINT_T0);
+        __m256 w0 = widen_bf16(r0 + i), w1 = widen_bf16(r1 + i);
+        for (int m = 0; m < WIDE_ROWS; m++) {
+            __m256 v = _mm256_loadu_ps(x + m * k + i);
+            acc0[m] = _mm256_fmadd_ps(w0, v, acc0[m]);
+            acc1[m] = _mm256_fmadd_ps(w1, v, acc1[m]);
+        }
+    }
+    for (int m = 0; m < WIDE_ROWS; m++) {
+        out[0][m] = float_lane_sum(acc0[m]);
+        out[1][m] = float_lane_sum(acc1[m]);
+    }
+}
 #define BF16_VECTOR_WIDTH 8
 #else
 #define BF16_VECTOR_WIDTH 1
@@ -251,7 +274,25 @@ static void run_bf16_block(const Job *j, int64_t first) {
     const uint16_t *rows[ROWS_PER_BLOCK];
     for (int r = 0; r < ROWS_PER_BLOCK; r++) rows[r] = j->w16 + (first + (r < count ? r : 0)) * j->k;
     int64_t k_vector = BF16_VECTOR_WIDTH > 1 ? j->k & ~(int64_t)(BF16_VECTOR_WIDTH - 1) : 0;
-    for (int64_t row = 0; row < j->m; row += 2) {
+    int64_t row = 0;
+#ifdef __AVX2__
+    for (; row + WIDE_ROWS <= j->m; row += WIDE_ROWS) {
+        const float *x = j->x + row * j->k;
+        for (int half = 0; half < ROWS_PER_BLOCK; half += 2) {
+            float out[2][WIDE_ROWS];
+            int prefetch = row == 0 && half == 0 && first + 2 * ROWS_PER_BLOCK <= j->n;
+            bf16_dot_2x6(rows[half], rows[half + 1], x, j->k, k_vector, prefetch, out);
+            for (int64_t r = half; r < half + 2 && r < count; r++) {
+                for (int m = 0; m < WIDE_ROWS; m++) {
+                    float sum = out[r - half][m];
+                    for (int64_t i = k_vector; i < j->k; i++) sum += bf16_value(rows[r][i]) * x[m * j->k + i];
+                    j->y[(row + m) * j->n + first + r] = sum + (j->bias ? j->bias[first + r] : 0.0f);
+                }
+            }
+        }
+    }
+#endif
+    for (; row < j->m; row += 2) {
         const float *a = j->x + row * j->k;
         const float *b = row + 1 < j->m ? a + j->k : a;
         float out_a[ROWS_PER_BLOCK] = {0}, out_b[ROWS_PER_BLOCK] = {0};
