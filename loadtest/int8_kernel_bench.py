@@ -1,4 +1,4 @@
-"""The int8 projection kernels against float32, with the weights streamed from memory.
+"""The int8 and int4 projection kernels against float32, with the weights streamed from memory.
 
 ``python -m loadtest.int8_kernel_bench [--rows 1 2 16 ...] [--layers 30] [--threads 1]``
 
@@ -7,7 +7,9 @@ One pass runs every projection of ``--layers`` decoder layers shaped like SmolLM
 weights of its own, so that (as in a decode step) every weight comes from DRAM rather than
 a cache; the vocabulary head (49152 x 576) is timed alone. Contenders: the float32 weight
 packed for oneDNN (what the float32 engine runs), ``aten._weight_int8pack_mm`` on bfloat16
-activations, and our kernel (``services/engine/narrow_matmul.c``). Best of ``--repeats``.
+activations and our int8 kernel (``services/engine/narrow_matmul.c``); then the same weights as
+group-wise int4 (groups of 32): ``aten._weight_int4pack_mm_for_cpu`` and our int4 kernel. Best
+of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.models.narrow_native import int8_matmul, native_kernels_available
+from services.engine.models.narrow_native import (
+    int4_matmul,
+    int8_matmul,
+    native_kernels_available,
+    pack_int4_codes,
+)
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (out, in)
 HEAD_SHAPE = (49152, 576)
-KERNELS = ("float32", "int8pack", "ours")
+KERNELS = ("float32", "int8pack", "ours", "int4pack", "ours_int4")
+INT4_GROUP = 32
 
 
 class Projection:
@@ -32,6 +40,15 @@ class Projection:
         self.codes = torch.round(weight / self.scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
         self.scale_bf16 = self.scale.to(torch.bfloat16)
+        groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        self.group_scale = (groups.abs().amax(dim=-1) / 7).contiguous()  # [out, groups]
+        codes4 = (
+            torch.round(groups / self.group_scale[..., None]).clamp(-8, 7).reshape(out_features, in_features)
+        )
+        self.nibbles = pack_int4_codes(codes4.to(torch.int8))
+        self.int4_tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes4 + 8).to(torch.int32), 1)
+        scale_t = self.group_scale.t().to(torch.bfloat16)
+        self.scale_and_zero = torch.stack([scale_t, torch.zeros_like(scale_t)], dim=-1).contiguous()
 
     def float32(self, x: torch.Tensor) -> None:
         torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
@@ -41,6 +58,14 @@ class Projection:
 
     def ours(self, x: torch.Tensor) -> None:
         int8_matmul(x, self.codes, self.scale)
+
+    def int4pack(self, x: torch.Tensor) -> None:
+        torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.int4_tiles, INT4_GROUP, self.scale_and_zero
+        )
+
+    def ours_int4(self, x: torch.Tensor) -> None:
+        int4_matmul(x, self.nibbles, self.group_scale, INT4_GROUP)
 
 
 def best_ms(modules: list[Projection], kernel: str, inputs: dict[int, torch.Tensor], repeats: int) -> float:
@@ -69,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if not native_kernels_available():
-        print("the native int8 kernel could not be built here (no C compiler?)")
+        print("the native kernels could not be built here (no C compiler?)")
         return 1
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{'rows':>5} {'part':>12} "
         + " ".join(f"{name:>9}" for name in KERNELS)
-        + "  vs float32  vs int8pack"
+        + "  ours/f32 ours/i8pk i4/i4pk"
     )
     for rows in args.rows:
         inputs = {i: torch.randn(rows, i, generator=generator) for _, i in (*LAYER_SHAPES, HEAD_SHAPE)}
@@ -92,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{rows:>5} {part:>12} "
                 + " ".join(f"{ms[kernel]:9.2f}" for kernel in KERNELS)
-                + f"  {ms['float32'] / ms['ours']:9.2f}x  {ms['int8pack'] / ms['ours']:9.2f}x"
+                + f"  {ms['float32'] / ms['ours']:9.2f}x {ms['int8pack'] / ms['ours']:9.2f}x"
+                + f" {ms['int4pack'] / ms['ours_int4']:9.2f}x"
             )
     return 0
 
