@@ -7,7 +7,7 @@ One pass runs every projection of ``--layers`` decoder layers shaped like SmolLM
 weights of its own, so that (as in a decode step) every weight comes from DRAM rather than
 a cache; the vocabulary head (49152 x 576) is timed alone. Contenders: the float32 weight
 packed for oneDNN (what the float32 engine runs), ``aten._weight_int8pack_mm`` on bfloat16
-activations and our int8 kernel (``services/engine/narrow_matmul.c``); then the same weights as
+activations and our int8 kernel (``services/engine/narrow_int8.c``); then the same weights as
 group-wise int4 (groups of 32): ``aten._weight_int4pack_mm_for_cpu`` and our int4 kernel. Best
 of ``--repeats``.
 """

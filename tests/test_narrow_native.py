@@ -1,4 +1,4 @@
-"""The native matmuls over narrow weights (``services/engine/narrow_matmul.c``): int8 and
+"""The native matmuls over narrow weights (``services/engine/narrow_*.c``): int8 and
 bfloat16 numerics against a float matmul, at shapes that exercise every edge of the blocking
 (rows in odd counts, columns not a multiple of the vector width, output rows not a multiple
 of the block, rows longer than one integer chunk), with one and two threads; the modules

@@ -1,11 +1,12 @@
 """The engine's native CPU kernels, built on first use.
 
 - ``paged_decode.c``: decode attention reading the paged KV cache in place.
-- ``narrow_matmul.c``: projections over int8, int4 or bfloat16 weights at memory speed on AVX2
-  (quantized variants).
+- ``narrow_matmul.c`` (+ ``narrow_int8.c``, ``narrow_int4.c``, ``narrow_bf16.c``, sharing
+  ``narrow_matmul.h``): projections over int8, int4 or bfloat16 weights at memory speed on
+  AVX2 (quantized variants), one library.
 
 Each is plain C: the system C compiler builds it in well under a second into
-``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of the source and flags, written
+``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of its sources, headers and flags, written
 to a temporary file and renamed, so concurrent builders never see a partial library),
 and ``ctypes`` calls it. ctypes releases the GIL for the call. Where no compiler is found
 or the build fails, the kernel's getter returns None and its caller falls back to a
@@ -38,6 +39,7 @@ _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"]
 _LINK_FLAGS = ["-shared", "-pthread"]
 _DISABLE_ENV = "TOKENLINE_NO_NATIVE_KERNELS"  # set to 1 to force the PyTorch paths
 _I64 = ctypes.c_int64
+_NARROW_SOURCES = ("narrow_matmul.c", "narrow_int8.c", "narrow_int4.c", "narrow_bf16.c")
 
 
 def _cache_dir() -> Path:
@@ -64,24 +66,16 @@ def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defin
 
 @functools.cache
 def narrow_matmul_kernels() -> NarrowMatmulKernels | None:
-    """The compiled kernels of ``narrow_matmul.c``, or None when they cannot be built."""
-    handle = _library("narrow_matmul", "int8 and bfloat16 projections")
+    """The narrow-weight kernels (``narrow_matmul.c`` with ``narrow_int8.c``, ``narrow_int4.c``,
+    ``narrow_bf16.c``, one library), or None when they cannot be built."""
+    handle = _library("narrow_matmul", "int8, int4 and bfloat16 projections", _NARROW_SOURCES)
     if handle is None:
         return None
     pointer = ctypes.c_void_p
     int8 = handle.int8_weight_matmul
     int8.argtypes = [
-        pointer,
-        _I64,
-        _I64,
-        pointer,
-        pointer,
-        pointer,
-        pointer,
-        _I64,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
+        pointer, _I64, _I64, pointer, pointer, pointer, pointer, _I64, ctypes.c_int, ctypes.c_int
+    ]  # fmt: skip
     int4 = handle.int4_weight_matmul
     int4.argtypes = [pointer, _I64, _I64, pointer, pointer, _I64, pointer, pointer, _I64, ctypes.c_int]
     bf16 = handle.bf16_weight_matmul
@@ -97,39 +91,43 @@ class NarrowMatmulKernels(NamedTuple):
     bf16: Any  # bf16_weight_matmul: float32 x, bfloat16 weight
 
 
-def _library(stem: str, purpose: str) -> ctypes.CDLL | None:
-    """``<stem>.c`` beside this file, built (once per source and flags) and loaded."""
+def _library(stem: str, purpose: str, sources: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The library ``<stem>`` built from ``sources`` (default ``<stem>.c``) beside this file,
+    once per content of its sources, the headers here and the flags, then loaded."""
     if os.environ.get(_DISABLE_ENV) == "1":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler found; %s use the PyTorch path", purpose)
         return None
-    source = Path(__file__).with_name(f"{stem}.c")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode()).hexdigest()
+    here = Path(__file__).parent
+    files = [here / name for name in sources or (f"{stem}.c",)]
+    content = b"".join(path.read_bytes() for path in [*files, *sorted(here.glob("*.h"))])
+    digest = hashlib.sha256(content + " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode()).hexdigest()
     library = _cache_dir() / f"{stem}-{digest[:16]}.so"
     try:
         if not library.is_file():
-            _build(compiler, source, library)
+            _build(compiler, files, library)
         return ctypes.CDLL(str(library))
     except (OSError, subprocess.CalledProcessError) as error:
         logger.warning("native %s unavailable (%s); using the PyTorch path", purpose, error)
         return None
 
 
-def _build(compiler: str, source: Path, library: Path) -> None:
+def _build(compiler: str, sources: list[Path], library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=library.parent)
     os.close(fd)
+    objects = [f"{partial}.{index}.o" for index in range(len(sources))]
     try:
-        for command in (
-            [compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", f"{partial}.o"],
-            [compiler, *_LINK_FLAGS, f"{partial}.o", "-o", partial, "-lm"],
-        ):
+        for source, obj in zip(sources, objects, strict=True):
+            command = [compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", obj]
             subprocess.run(command, check=True, capture_output=True, timeout=120)
+        link = [compiler, *_LINK_FLAGS, *objects, "-o", partial, "-lm"]
+        subprocess.run(link, check=True, capture_output=True, timeout=120)
         os.replace(partial, library)
     finally:
-        for leftover in (partial, f"{partial}.o"):
+        for leftover in (partial, *objects):
             if os.path.exists(leftover):
                 os.unlink(leftover)
 

@@ -1,4 +1,4 @@
-"""The native matmuls over narrow weights (``services/engine/narrow_matmul.c``) as tensor functions.
+"""The native matmuls over narrow weights (``services/engine/narrow_*.c``) as tensor functions.
 
 - :func:`int8_matmul`: float rows, quantized per row inside the kernel, to int16 for
   weight-only int8 (see the C file for why that is finer than the bfloat16 activations of
