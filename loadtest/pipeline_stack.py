@@ -6,21 +6,14 @@ same ``EngineSettings`` the in-process engine gets; the rest talk to the running
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import TYPE_CHECKING
 
 from loadtest.pipeline_plan import MODEL_NAME
+from services.ports import free_loopback_port
 
 if TYPE_CHECKING:
     from services.config import AppConfig, EngineSettings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def stack_config(model_path: str, settings: EngineSettings, grpc_ingress: str | None = None) -> AppConfig:
@@ -29,7 +22,7 @@ def stack_config(model_path: str, settings: EngineSettings, grpc_ingress: str | 
 
     model = ModelConfig(name=MODEL_NAME, path=model_path, engine_replicas=1, engine=settings)
     ingress = {} if grpc_ingress is None else {"grpc_ingress": grpc_ingress}
-    return AppConfig.model_validate({"models": (model,), "grpc_port": free_port(), **ingress})
+    return AppConfig.model_validate({"models": (model,), "grpc_port": free_loopback_port(), **ingress})
 
 
 def issue_api_key(config: AppConfig) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from ray import serve
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.engine.replica import ReplicaStatus
 from services.ingress.api_keys import ApiKeyStore
+from services.ports import free_loopback_port
 from services.queue import QueueConfig, RedisServer
 from services.queue.keys import ENGINE_GROUP, QueueKeys
 from services.server import running_stack
@@ -62,10 +62,7 @@ class Stack:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_loopback_port()
 
 
 def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: int = 64) -> AppConfig:

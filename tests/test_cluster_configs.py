@@ -15,7 +15,6 @@ import inspect
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 from services.config import AppConfig, EngineAutoscaling
 from services.queue.redis_server import find_redis_server
 from services.server import RAY_GRPC_MAX_MESSAGE_ENV
+from tests.serving_stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "cluster" / "serve-config.yaml"
@@ -194,12 +194,6 @@ def test_redis_conf_has_the_durability_settings() -> None:
     assert directives["protected-mode"] in ("yes", "no") and "bind" in directives
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def start_redis(command: list[str], port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
@@ -221,7 +215,7 @@ def test_redis_conf_is_accepted_by_redis_server_and_persists_writes(tmp_path: Pa
     """Start a real redis-server on this very file, crash it, and see an acknowledged write survive."""
     conf = tmp_path / "redis.conf"
     conf.write_text(re.sub(r"(?m)^dir .*$", f"dir {tmp_path}", REDIS_CONF.read_text()))
-    port = free_loopback_port()
+    port = free_port()
     # Options after the file override it: loopback only, on a free port.
     command = [str(find_redis_server()), str(conf), "--port", str(port), "--bind", "127.0.0.1"]
 

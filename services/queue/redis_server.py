@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,7 @@ from urllib.parse import quote
 import redis
 
 from services.errors import InvalidParameterError, TokenlineError
+from services.ports import free_loopback_port
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RedisServer:
         self._owns_dir = data_dir is None
         self._data_dir = Path(tempfile.mkdtemp(prefix="tokenline-redis-")) if data_dir is None else data_dir
         self._keep_data = keep_data
-        self._port = port if port is not None else _free_loopback_port()
+        self._port = port if port is not None else free_loopback_port(LOOPBACK)
         self._startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -236,11 +236,3 @@ class RedisServer:
             return self._log_path.read_text(errors="replace")[-_LOG_TAIL_CHARS:]
         except OSError:
             return "(no log)"
-
-
-def _free_loopback_port() -> int:
-    # The port is free now; another process could take it before redis-server binds, in
-    # which case start() reports the bind failure from the server's log.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
