@@ -2,30 +2,31 @@
  * group of a multiple of 32 columns), two codes a byte in the layout of pack_int4_codes in
  * services/engine/models/narrow_native.py.
  *
- * x goes to int16 as for int8; each 32-column chunk unpacks 16 bytes into 32 int16 codes (mask,
- * shift, minus 8), the same vpmaddwd products sum per group in int32, and each group's sum
- * enters a float accumulator times its scale. The unpacking makes this compute-bound on one AVX2
- * core: about the speed of the int8 kernel at one row (half the bytes, twice the work per
- * weight), and no faster than torch's int4 kernel at 16 rows. (Unpacking a block once into a
- * scratch buffer for all rows of x measured slower.)
+ * x goes to int16 as for int8. The kernel multiplies x by the nibbles as stored, code + 8, and
+ * subtracts 8 times each group's sum of x's codes once per group: a 32-column chunk unpacks as
+ * one widening of its 16 bytes, one mask (low nibbles) and one shift (high nibbles), with no
+ * sign to restore. The vpmaddwd products sum per group in int32 and each group's sum enters a
+ * float accumulator times its scale. Unpacking the chunk once per pair of x rows still makes
+ * this compute-bound on one AVX2 core; it is what the 8 bits saved per weight cost. (Unpacking
+ * a block once into a scratch buffer for all rows of x measured slower.)
  */
 #include "narrow_matmul.h"
 
 #ifdef __AVX2__
-/* 32 int4 codes (16 bytes: column j low nibble, column 16 + j high nibble) as two int16 vectors. */
+/* 32 nibbles (16 bytes: column j low, column 16 + j high) as two int16 vectors of code + 8. */
 static inline void unpack_int4(const uint8_t *p, __m256i *low, __m256i *high) {
-    const __m128i mask = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
-    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
-    *low = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(bytes, mask), eight));
-    *high = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), eight));
+    __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *low = _mm256_and_si256(wide, _mm256_set1_epi16(0x0f));
+    *high = _mm256_srli_epi16(wide, 4);
 }
 
-/* Four int4 rows against x rows a and b: per group, integer sums, then times the group's scale
- * into float lanes. Each chunk of codes is unpacked once per pair of x rows. */
-static void int4_dot_block(const uint8_t *const rows[ROWS_PER_BLOCK], const float *const scales[ROWS_PER_BLOCK],
-                           const int16_t *a, const int16_t *b, int64_t k, int64_t group_size, int prefetch,
-                           float out_a[ROWS_PER_BLOCK], float out_b[ROWS_PER_BLOCK]) {
-    const int pair = a != b;
+/* Four int4 rows against x rows a and, when ``pair``, b (a constant once inlined, so that a
+ * lone row does no work for b): per group, integer sums, the offset of the stored codes taken
+ * off, then times the group's scale into float lanes. */
+static inline __attribute__((always_inline)) void int4_dot_rows(
+    const uint8_t *const rows[ROWS_PER_BLOCK], const float *const scales[ROWS_PER_BLOCK], const int16_t *a,
+    const int16_t *b, const int32_t *sum_a, const int32_t *sum_b, int64_t k, int64_t group_size, int prefetch,
+    const int pair, float out_a[ROWS_PER_BLOCK], float out_b[ROWS_PER_BLOCK]) {
     __m256 fa[ROWS_PER_BLOCK], fb[ROWS_PER_BLOCK];
     for (int r = 0; r < ROWS_PER_BLOCK; r++) fa[r] = fb[r] = _mm256_setzero_ps();
     for (int64_t g0 = 0, group = 0; g0 < k; g0 += group_size, group++) {
@@ -36,8 +37,8 @@ static void int4_dot_block(const uint8_t *const rows[ROWS_PER_BLOCK], const floa
             if (prefetch) _mm_prefetch((const char *)rows[0] + PREFETCH_ROWS * k / 2 + 2 * i, _MM_HINT_T0);
             __m256i p0 = _mm256_loadu_si256((const __m256i *)(a + i));
             __m256i p1 = _mm256_loadu_si256((const __m256i *)(a + i + 16));
-            __m256i q0 = _mm256_loadu_si256((const __m256i *)(b + i));
-            __m256i q1 = _mm256_loadu_si256((const __m256i *)(b + i + 16));
+            __m256i q0 = pair ? _mm256_loadu_si256((const __m256i *)(b + i)) : p0;
+            __m256i q1 = pair ? _mm256_loadu_si256((const __m256i *)(b + i + 16)) : p1;
             for (int r = 0; r < ROWS_PER_BLOCK; r++) {
                 __m256i low, high;
                 unpack_int4(rows[r] + i / 2, &low, &high);
@@ -46,16 +47,27 @@ static void int4_dot_block(const uint8_t *const rows[ROWS_PER_BLOCK], const floa
                     ib[r] = _mm256_add_epi32(ib[r], _mm256_add_epi32(_mm256_madd_epi16(low, q0), _mm256_madd_epi16(high, q1)));
             }
         }
+        /* The stored codes are code + 8: take 8 times the group's sum of x off, in one lane. */
+        __m256i offset_a = _mm256_setr_epi32(-8 * sum_a[group], 0, 0, 0, 0, 0, 0, 0);
+        __m256i offset_b = pair ? _mm256_setr_epi32(-8 * sum_b[group], 0, 0, 0, 0, 0, 0, 0) : offset_a;
         for (int r = 0; r < ROWS_PER_BLOCK; r++) {
             __m256 step = _mm256_set1_ps(scales[r][group]);
-            fa[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r]), step, fa[r]);
-            fb[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib[r]), step, fb[r]);
+            fa[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ia[r], offset_a)), step, fa[r]);
+            if (pair) fb[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ib[r], offset_b)), step, fb[r]);
         }
     }
     for (int r = 0; r < ROWS_PER_BLOCK; r++) {
         out_a[r] = float_lane_sum(fa[r]);
-        out_b[r] = float_lane_sum(fb[r]);
+        out_b[r] = pair ? float_lane_sum(fb[r]) : 0.0f;
     }
+}
+
+static void int4_dot_block(const uint8_t *const rows[ROWS_PER_BLOCK], const float *const scales[ROWS_PER_BLOCK],
+                           const int16_t *a, const int16_t *b, const int32_t *sum_a, const int32_t *sum_b,
+                           int64_t k, int64_t group_size, int prefetch, float out_a[ROWS_PER_BLOCK],
+                           float out_b[ROWS_PER_BLOCK]) {
+    if (a != b) int4_dot_rows(rows, scales, a, b, sum_a, sum_b, k, group_size, prefetch, 1, out_a, out_b);
+    else int4_dot_rows(rows, scales, a, a, sum_a, sum_a, k, group_size, prefetch, 0, out_a, out_b);
 }
 #endif
 
@@ -79,8 +91,10 @@ static void run_int4_block(const Job *j, int64_t first) {
         const int16_t *b = row + 1 < j->m ? a + j->k_padded : a;
         float out_a[ROWS_PER_BLOCK] = {0}, out_b[ROWS_PER_BLOCK] = {0};
 #ifdef __AVX2__
-        int4_dot_block(rows, scales, a, b, j->k, j->group_size, row == 0 && first + 2 * ROWS_PER_BLOCK <= j->n,
-                       out_a, out_b);
+        const int32_t *sum_a = j->x_group_sum + row * groups;
+        const int32_t *sum_b = b != a ? sum_a + groups : sum_a;
+        int4_dot_block(rows, scales, a, b, sum_a, sum_b, j->k, j->group_size,
+                       row == 0 && first + 2 * ROWS_PER_BLOCK <= j->n, out_a, out_b);
 #else
         for (int r = 0; r < ROWS_PER_BLOCK; r++)
             for (int64_t i = 0; i < j->k; i++) {

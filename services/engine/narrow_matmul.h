@@ -26,6 +26,7 @@ struct Job {
     const int8_t *w; const float *scale; /* int8: weight codes and row scales */
     const float *x; const uint16_t *w16; /* bfloat16: float32 x, the weight's bits */
     const uint8_t *w4; const float *group_scale; int64_t group_size; /* int4: nibbles, [n, groups] scales */
+    const int32_t *x_group_sum; /* int4: [m, k / group_size] sums of x's codes per group */
     const float *bias; float *y; int64_t n;
     int64_t first_row, last_row;
 };
@@ -33,8 +34,9 @@ struct Job {
 /* Runs ``job`` over every output row, split over up to MAX_THREADS threads. */
 int narrow_run_threads(Job job, int num_threads);
 
-/* Quantizes x [m, k] to ``levels`` per row into the job (rows padded to a multiple of 16),
- * then runs it; NOT_FINITE where a row holds inf or NaN, NO_MEMORY where allocation fails. */
+/* Quantizes x [m, k] to ``levels`` per row into the job (rows padded to a multiple of 16) and,
+ * for a job with a group_size, sums each group's codes; then runs it. NOT_FINITE where a row
+ * holds inf or NaN, NO_MEMORY where allocation fails. */
 int narrow_run_quantized(Job job, const float *x, float levels, int num_threads);
 
 /* Stores the finished sums of output rows [first, first + count) for x rows ``row`` and, when

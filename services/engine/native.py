@@ -4,6 +4,7 @@
 - ``narrow_matmul.c`` (+ ``narrow_int8.c``, ``narrow_int4.c``, ``narrow_bf16.c``, sharing
   ``narrow_matmul.h``): projections over int8, int4 or bfloat16 weights at memory speed on
   AVX2 (quantized variants), one library.
+- ``rms_norm.c``: RMS normalisation of float32 rows in one call.
 
 Each is plain C: the system C compiler builds it in well under a second into
 ``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of its sources, headers and flags, written
@@ -61,6 +62,19 @@ def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defin
         _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
     function.restype = ctypes.c_int
+    return function
+
+
+@functools.cache
+def rms_norm_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The compiled ``rms_norm_rows`` function, or None when it cannot be built."""
+    handle = _library("rms_norm", "RMS normalisation")
+    if handle is None:
+        return None
+    function = handle.rms_norm_rows
+    pointer = ctypes.c_void_p
+    function.argtypes = [pointer, _I64, _I64, pointer, ctypes.c_float, pointer]
+    function.restype = None
     return function
 
 

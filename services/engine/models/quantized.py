@@ -53,8 +53,15 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype
         self.register_buffer("bias", None if bias is None else bias.to(dtype), persistent=False)
 
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as [rows, in_features]; the engine's flat batch already is."""
+        return x if x.dim() == 2 else x.reshape(-1, self.in_features)
+
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = y.to(self.dtype).reshape(*x.shape[:-1], self.out_features)
+        if y.dtype != self.dtype:
+            y = y.to(self.dtype)
+        if x.dim() != 2:  # the engine's flat batch is already [tokens, features]
+            y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -74,7 +81,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         self.register_buffer("scale", weight.scale.reshape(-1).to(scale_dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = self._flat(x)
         y = int8_matmul(flat, self.codes, self.scale) if self.native else None
         if y is None:  # no kernel, or non-finite activations the kernel cannot quantize
             y = torch.ops.aten._weight_int8pack_mm(
@@ -115,11 +122,11 @@ class W8A8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.to(scale_dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
+        flat = self._flat(x)
         # Our kernel quantizes each row to int8 codes itself (as quantize_per_token does).
         y = int8_matmul(flat, self.codes, self.scale, INT8_LEVELS) if self.native else None
         if y is None:
-            y = self._scaled_products(*quantize_per_token(flat))
+            y = self._scaled_products(*quantize_per_token(flat.float()))
         return self._finish(y, x)
 
     def _scaled_products(self, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
@@ -158,7 +165,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scale_and_zero", scale_and_zero, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = self._flat(x)
         if self.native:
             y = int4_matmul(flat, self.nibbles, self.group_scale, self.group_size)
             if y is None:  # activations that are not finite: as a float matmul would take them
