@@ -24,7 +24,7 @@ from typing import Any
 from safetensors import safe_open
 
 SMOLLM2_DIR = Path.home() / ".cache" / "tokenline" / "smollm2-135m-instruct"
-RECIPES = ("int8", "int8-all", "w8a8", "int4")
+RECIPES = ("int8", "int8-all", "w8a8", "int4", "int8-gptq", "int4-gptq")
 # name -> (numerator contender, denominator contender, figure, minimum)
 TARGETS: dict[str, tuple[str, str, str, float]] = {
     "int8_decode_b1_vs_fp32": ("int8", "float32", "decode_b1_tok_s", 1.8),
@@ -56,6 +56,7 @@ def run_optimizer_benchmark(
     from services.optimizer.config import OptimizerConfig
     from services.optimizer.gate import run_gate
     from services.optimizer.heldout import text_sequences
+    from services.optimizer.pipeline import calibrate
     from services.optimizer.recipes import RECIPES as ALL_RECIPES
     from services.optimizer.writer import quantize_checkpoint, write_variant
 
@@ -71,12 +72,16 @@ def run_optimizer_benchmark(
     with tempfile.TemporaryDirectory(prefix="tokenline-bench-opt-") as tmp:
         dirs: dict[str, tuple[Path, str]] = {"float32": (source, "float32"), "bfloat16": (source, "bfloat16")}
         gates: dict[str, dict[str, Any]] = {}
+        hessians = None  # one calibration serves every GPTQ recipe: it depends on the source alone
         for name in RECIPES:
             recipe = ALL_RECIPES[name]
             out = Path(tmp) / name
             out.mkdir()
+            if recipe.calibrated and hessians is None:
+                say(f"calibrating {source.name} on {config.calibration_tokens} tokens of its own text")
+                hessians = calibrate(source, recipe, config, lambda _done, _detail: None)
             say(f"quantizing {source.name} with {name}")
-            write_variant(source, quantize_checkpoint(source, recipe), recipe, out)
+            write_variant(source, quantize_checkpoint(source, recipe, None, hessians), recipe, out)
             say(f"gating {name} on {sum(len(s) for s in sequences)} held-out tokens")
             gates[name] = run_gate(name, source, out, sequences, config.gates[name], None).to_dict()
             dirs[name] = (out, "float32")
@@ -140,13 +145,13 @@ def format_table(results: dict[str, Any]) -> str:
         f"loadavg {' '.join(results['loadavg'])}, torch {results['torch']} {results['cpu_capability']})",
         f"model {results['model']}; held-out: {results['heldout']}",
         "",
-        f"{'contender':<10}{'dec b1':>9}{'dec b16':>9}{'prefill':>9}{'weights MB':>11}{'on disk MB':>11}"
+        f"{'contender':<11}{'dec b1':>9}{'dec b16':>9}{'prefill':>9}{'weights MB':>11}{'on disk MB':>11}"
         f"{'peak RSS MB':>12}"
         f"{'ppl ratio':>10}{'mean KL':>9}{'top-1':>7}{'gate':>6}",
     ]
     for name, row in rows.items():
         cells = (
-            f"{name:<10}{row['decode_b1_tok_s']:>9.1f}{row['decode_b16_tok_s']:>9.1f}"
+            f"{name:<11}{row['decode_b1_tok_s']:>9.1f}{row['decode_b16_tok_s']:>9.1f}"
             f"{row['prefill_tok_s']:>9.1f}{row['weight_bytes'] / 1e6:>11.1f}"
             f"{row['checkpoint_bytes'] / 1e6:>11.1f}"
             f"{row['peak_rss_bytes'] / 1e6:>12.1f}"

@@ -20,7 +20,9 @@ def add_optimize_command(commands: argparse._SubParsersAction[argparse.ArgumentP
     cmd = commands.add_parser("optimize", help="quantize a model, gate it against its source, publish it")
     cmd.add_argument("--model", required=True, help="'demo' or a checkpoint directory")
     cmd.add_argument(
-        "--recipe", required=True, help="int8 | int8-all | w8a8 | int4 (fp8: GPUs, not exercised)"
+        "--recipe",
+        required=True,
+        help="int8 | int8-all | w8a8 | int4 | int8-gptq | int4-gptq (fp8: GPUs, not exercised)",
     )
     cmd.add_argument("--publish", action="store_true", help="write the registry entry when the gate passes")
     cmd.add_argument("--redis-url", default="", help="Redis holding the variant registry (for --publish)")

@@ -30,6 +30,9 @@ DEFAULT_GATES: dict[str, GateThresholds] = {
     "w8a8": GateThresholds(max_perplexity_ratio=1.02, min_top1_agreement=0.95, max_demo_accuracy_drop=1.0),
     "int4": GateThresholds(max_perplexity_ratio=1.05, min_top1_agreement=0.90, max_demo_accuracy_drop=3.0),
 }
+# GPTQ changes which codes are chosen, not the format: the same bar as round-to-nearest.
+DEFAULT_GATES["int8-gptq"] = DEFAULT_GATES["int8"]
+DEFAULT_GATES["int4-gptq"] = DEFAULT_GATES["int4"]
 
 
 class OptimizerConfig(BaseModel):
@@ -55,6 +58,13 @@ class OptimizerConfig(BaseModel):
     heldout_max_tokens: int = Field(default=2048, ge=16, description="Held-out tokens scored per model.")
     heldout_window: int = Field(default=256, ge=8, description="Tokens per scored window.")
     demo_examples: int = Field(default=200, ge=1, description="Demo tasks: examples per task in the gate.")
+    calibration_tokens: int = Field(
+        default=16384, ge=64, description="GPTQ recipes: tokens of the model's own text to calibrate on."
+    )
+    calibration_max_sequence_tokens: int = Field(
+        default=256, ge=8, description="GPTQ recipes: tokens per sampled sequence, at most."
+    )
+    calibration_seed: int = Field(default=0, description="GPTQ recipes: seed of sequence i is this + i.")
     num_threads: int = Field(default=1, ge=1, description="torch intra-op threads of the actor.")
 
     def variants_path(self) -> Path:

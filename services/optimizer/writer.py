@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +62,31 @@ def is_tied(config: dict[str, Any]) -> bool:
     return config.get("tie_word_embeddings") is True  # the engine's default too (spec.py)
 
 
-def quantize_checkpoint(source: Path, recipe: Recipe, progress: Progress | None = None) -> dict[str, Any]:
-    """Quantize in memory: HF module name (no ``.weight``) -> QuantizedWeight, other names -> tensor."""
+def quantize_checkpoint(
+    source: Path,
+    recipe: Recipe,
+    progress: Progress | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Quantize in memory: HF module name (no ``.weight``) -> QuantizedWeight, other names -> tensor.
+    A calibrated recipe needs ``hessians`` (``services.optimizer.calibration.input_hessians``)
+    for every decoder linear."""
+    if recipe.calibrated and hessians is None:
+        raise InvalidParameterError("recipe", recipe.name, "is calibrated: run the calibration first")
     tensors = list(source_tensors(source))
     if recipe.scheme.quantizes_vocab and is_tied(json.loads((source / "config.json").read_text())):
         # A tied checkpoint may carry a copy of the table as lm_head: the variant ties to the codes.
         tensors = [(name, tensor) for name, tensor in tensors if name != f"{LM_HEAD}.weight"]
     result: dict[str, Any] = {}
     for done, (name, tensor) in enumerate(tensors, start=1):
-        if is_quantized(name, recipe.scheme):
-            result[name.removesuffix(".weight")] = recipe.quantize(tensor)
+        module = name.removesuffix(".weight")
+        if recipe.quantize_calibrated is not None and hessians is not None and is_quantized_linear(name):
+            hessian = hessians.get(module)
+            if hessian is None:
+                raise InvalidParameterError("hessians", module, "no calibration statistics for this linear")
+            result[module] = recipe.quantize_calibrated(tensor, hessian)
+        elif is_quantized(name, recipe.scheme):
+            result[module] = recipe.quantize(tensor)
         else:
             result[name] = tensor
         if progress is not None:

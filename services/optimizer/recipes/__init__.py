@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from services.errors import InvalidParameterError
-from services.optimizer.recipes import fp8, int4, int8, int8_all, w8a8
+from services.optimizer.recipes import fp8, gptq, int4, int8, int8_all, w8a8
 from services.optimizer.recipes.base import Recipe
 
 RECIPES: dict[str, Recipe] = {
-    r.name: r for r in (int8.RECIPE, int8_all.RECIPE, w8a8.RECIPE, int4.RECIPE, fp8.RECIPE)
+    r.name: r
+    for r in (int8.RECIPE, int8_all.RECIPE, w8a8.RECIPE, int4.RECIPE, gptq.INT8, gptq.INT4, fp8.RECIPE)
 }
 
 

@@ -1,9 +1,10 @@
 """What every recipe is: a compressed-tensors scheme plus a function that quantizes one weight.
 
-Recipes are plain PyTorch. Quantization is symmetric round-to-nearest with the
-scale chosen so that the largest magnitude of a row (or a row's group) maps to
-the largest code; embeddings and ``lm_head`` are left alone unless the recipe's scheme targets
-``Embedding`` (``int8-all``).
+Recipes are plain PyTorch. Quantization is symmetric, with the scale chosen so that the
+largest magnitude of a row (or a row's group) maps to the largest code; codes are rounded
+to nearest, or chosen by GPTQ from calibration (``*-gptq``, ``services/optimizer/gptq.py``).
+Embeddings and ``lm_head`` are left alone unless the recipe's scheme targets ``Embedding``
+(``int8-all``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ class Recipe:
     name: str
     description: str
     scheme: QuantScheme
-    quantize: Callable[[torch.Tensor], QuantizedWeight]
+    quantize: Callable[[torch.Tensor], QuantizedWeight]  # round-to-nearest, from the weight alone
     exercised: bool = True  # False: written for hardware this project has not run it on
+    # (weight, X^T X of its inputs) -> codes: the decoder linears of a calibrated recipe (GPTQ)
+    quantize_calibrated: Callable[[torch.Tensor, torch.Tensor], QuantizedWeight] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quantize_calibrated is not None
 
 
 def symmetric_quantize(weight: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
