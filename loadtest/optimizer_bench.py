@@ -147,7 +147,7 @@ def format_table(results: dict[str, Any]) -> str:
         "",
         f"{'contender':<11}{'dec b1':>9}{'dec b16':>9}{'prefill':>9}{'weights MB':>11}{'on disk MB':>11}"
         f"{'peak RSS MB':>12}"
-        f"{'ppl ratio':>10}{'mean KL':>9}{'top-1':>7}{'gate':>6}",
+        f"{'ppl ratio':>10}{'mean KL':>9}{'top-1':>8}{'gate':>6}",
     ]
     for name, row in rows.items():
         cells = (
@@ -162,7 +162,7 @@ def format_table(results: dict[str, Any]) -> str:
             nan = float("nan")
             cells += (
                 f"{figures.get('perplexity_ratio', nan):>10.4f}{figures.get('mean_kl', nan):>9.4f}"
-                f"{figures.get('top1_agreement', nan):>7.3f}{'pass' if gate['passed'] else 'FAIL':>6}"
+                f"{figures.get('top1_agreement', nan):>8.4f}{'pass' if gate['passed'] else 'FAIL':>6}"
             )
         else:
             cells += f"{'(source)':>10}"
