@@ -5,6 +5,7 @@
   ``narrow_matmul.h``): projections over int8, int4 or bfloat16 weights at memory speed on
   AVX2 (quantized variants), one library.
 - ``rms_norm.c``: RMS normalisation of float32 rows in one call.
+- ``rotary.c``: rotary position embedding of float32 heads in one call.
 
 Each is plain C: the system C compiler builds it in well under a second into
 ``$XDG_CACHE_HOME/tokenline/kernels/`` (named by a hash of its sources, headers and flags, written
@@ -74,6 +75,19 @@ def rms_norm_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     function = handle.rms_norm_rows
     pointer = ctypes.c_void_p
     function.argtypes = [pointer, _I64, _I64, pointer, ctypes.c_float, pointer]
+    function.restype = None
+    return function
+
+
+@functools.cache
+def rotary_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The compiled ``rotate_heads`` function, or None when it cannot be built."""
+    handle = _library("rotary", "rotary embedding")
+    if handle is None:
+        return None
+    function = handle.rotate_heads
+    pointer = ctypes.c_void_p
+    function.argtypes = [pointer, _I64, _I64, _I64, _I64, pointer, pointer, pointer]
     function.restype = None
     return function
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.engine import native
 from services.errors import InvalidParameterError
 
 DEFAULT_ROPE_THETA = 10_000.0
@@ -134,6 +135,24 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates ``x`` [T, heads, head_dim] by the per-token angles; returns a new contiguous tensor."""
+    tokens, heads, head_dim = x.shape
+    kernel = native.rotary_kernel()
+    if (
+        kernel is not None
+        and x.dtype == cos.dtype == sin.dtype == torch.float32
+        and x.is_cpu
+        and x.stride(2) == 1
+        and x.stride(1) == head_dim  # heads adjacent within a token (a slice of the fused q/k/v)
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and not x.requires_grad
+    ):
+        # One native call instead of eight operators (see rotary.c).
+        out = torch.empty((tokens, heads, head_dim), dtype=torch.float32)
+        kernel(
+            x.data_ptr(), tokens, heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
+        )
+        return out
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
