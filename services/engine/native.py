@@ -50,45 +50,43 @@ def _cache_dir() -> Path:
     return base / "tokenline" / "kernels"
 
 
+_P = ctypes.c_void_p
+
+
 @functools.cache
 def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``paged_decode_attention`` function, or None when it cannot be built."""
-    handle = _library("paged_decode", "decode attention")
-    if handle is None:
-        return None
-    function = handle.paged_decode_attention
-    pointer = ctypes.c_void_p
-    function.argtypes = [
-        pointer, _I64, pointer, pointer, pointer, _I64, pointer, pointer,
+    argtypes = [
+        _P, _I64, _P, _P, _P, _I64, _P, _P,
         _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
-    function.restype = ctypes.c_int
-    return function
+    return _function("paged_decode", "decode attention", "paged_decode_attention", argtypes, ctypes.c_int)
 
 
 @functools.cache
 def rms_norm_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``rms_norm_rows`` function, or None when it cannot be built."""
-    handle = _library("rms_norm", "RMS normalisation")
-    if handle is None:
-        return None
-    function = handle.rms_norm_rows
-    pointer = ctypes.c_void_p
-    function.argtypes = [pointer, _I64, _I64, pointer, ctypes.c_float, pointer]
-    function.restype = None
-    return function
+    argtypes = [_P, _I64, _I64, _P, ctypes.c_float, _P]
+    return _function("rms_norm", "RMS normalisation", "rms_norm_rows", argtypes, None)
 
 
 @functools.cache
 def rotary_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``rotate_heads`` function, or None when it cannot be built."""
-    handle = _library("rotary", "rotary embedding")
+    argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P]
+    return _function("rotary", "rotary embedding", "rotate_heads", argtypes, None)
+
+
+def _function(
+    stem: str, purpose: str, symbol: str, argtypes: list[Any], restype: Any
+) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """``symbol`` of the one-source library ``<stem>.c``, typed, or None when it cannot be built."""
+    handle = _library(stem, purpose)
     if handle is None:
         return None
-    function = handle.rotate_heads
-    pointer = ctypes.c_void_p
-    function.argtypes = [pointer, _I64, _I64, _I64, _I64, pointer, pointer, pointer]
-    function.restype = None
+    function = getattr(handle, symbol)
+    function.argtypes = argtypes
+    function.restype = restype
     return function
 
 
