@@ -8,8 +8,10 @@ Quantization for Generative Pre-trained Transformers") quantize one input column
 and move its error onto the remaining columns through the inverse of ``H``, processed in
 blocks so that the update of the far columns is one matrix product. Scales are chosen as
 round-to-nearest chooses them (largest magnitude of the row or group maps to the largest
-code), from the weights as updated when the group is reached, and rounded to the dtype the
-checkpoint stores them in before any code is chosen, so that the codes fit the stored scale.
+code) — from the weights as updated when a group is reached in column order, from the weights
+as given with act-order (columns by descending input energy, as the recipes use it) — and
+rounded to the dtype the checkpoint stores them in before any code is chosen, so that the
+codes fit the stored scale.
 """
 
 from __future__ import annotations
