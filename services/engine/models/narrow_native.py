@@ -13,7 +13,7 @@ float rows into int8, a row of ``x`` that is not finite).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,16 +42,8 @@ def int8_matmul(
     if kernels is None:
         return None
     out_features, in_features = codes.shape
-    threads = torch.get_num_threads()
-
-    def launch(x_ptr: int, rows: int, y_ptr: int) -> int:
-        status: int = kernels.int8(
-            x_ptr, rows, in_features, codes.data_ptr(), scale.data_ptr(), None, y_ptr, out_features, threads,
-            activation_levels,
-        )  # fmt: skip
-        return status
-
-    y, status = _run(x, out_features, launch)
+    weight = (codes.data_ptr(), scale.data_ptr(), None)
+    y, status = _launch(kernels.int8, x, in_features, out_features, weight, (activation_levels,))
     return None if status == _NOT_FINITE else _checked(y, status, x.shape[0], in_features)
 
 
@@ -78,16 +70,8 @@ def int4_matmul(
     if kernels is None:
         return None
     out_features, in_features = nibbles.shape[0], 2 * nibbles.shape[1]
-    threads = torch.get_num_threads()
-
-    def launch(x_ptr: int, rows: int, y_ptr: int) -> int:
-        status: int = kernels.int4(
-            x_ptr, rows, in_features, nibbles.data_ptr(), group_scale.data_ptr(), group_size, None, y_ptr,
-            out_features, threads,
-        )  # fmt: skip
-        return status
-
-    y, status = _run(x, out_features, launch)
+    weight = (nibbles.data_ptr(), group_scale.data_ptr(), group_size, None)
+    y, status = _launch(kernels.int4, x, in_features, out_features, weight)
     return None if status == _NOT_FINITE else _checked(y, status, x.shape[0], in_features)
 
 
@@ -98,23 +82,22 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     if kernels is None:
         return None
     out_features, in_features = weight.shape
-    threads = torch.get_num_threads()
-
-    def launch(x_ptr: int, rows: int, y_ptr: int) -> int:
-        status: int = kernels.bf16(
-            x_ptr, rows, in_features, weight.data_ptr(), None, y_ptr, out_features, threads
-        )
-        return status
-
-    y, status = _run(x, out_features, launch)
+    y, status = _launch(kernels.bf16, x, in_features, out_features, (weight.data_ptr(), None))
     return _checked(y, status, x.shape[0], in_features)
 
 
-def _run(
-    x: torch.Tensor, out_features: int, launch: Callable[[int, int, int], int]
+def _launch(
+    kernel: Any,
+    x: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    weight: tuple[int | None, ...],
+    options: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, int]:
-    """A float32 output [rows, out_features] filled by ``launch(x pointer, rows, y pointer)``
-    over a contiguous float32 copy of ``x``, and the kernel's status."""
+    """A float32 output [rows, out_features] filled by ``kernel`` over a contiguous float32
+    ``x``, and the kernel's status. Every narrow kernel takes ``(x, rows, in_features, *weight,
+    y, out_features, threads, *options)``: ``weight`` holds its weight's pointers and shape
+    arguments (and the bias, None here)."""
     rows = x.shape[0]
     y = torch.empty((rows, out_features), dtype=torch.float32)
     if rows == 0:
@@ -122,12 +105,16 @@ def _run(
     # Checked here rather than converted unconditionally: a decode step makes ~120 of these
     # calls, and each avoided dispatch is a microsecond of every one.
     flat = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    return y, launch(flat.data_ptr(), rows, y.data_ptr())  # flat is alive until launch returns
+    threads = torch.get_num_threads()
+    status: int = kernel(
+        flat.data_ptr(), rows, in_features, *weight, y.data_ptr(), out_features, threads, *options
+    )  # flat is alive until the kernel returns
+    return y, status
 
 
 def _checked(y: torch.Tensor, status: int, rows: int, in_features: int) -> torch.Tensor:
     if status == _NO_MEMORY:
-        raise MemoryError(f"int8 matmul: no memory for the int16 copy of {rows} x {in_features} activations")
+        raise MemoryError(f"narrow matmul: no memory to quantize {rows} x {in_features} activations")
     if status != _OK:
-        raise RuntimeError(f"int8 matmul rejected its arguments (status {status})")
+        raise RuntimeError(f"narrow matmul rejected its arguments (status {status})")
     return y
