@@ -53,10 +53,10 @@ def run_optimizer_benchmark(
 ) -> dict[str, Any]:
     import torch
 
+    from services.optimizer.calibration import calibrate
     from services.optimizer.config import OptimizerConfig
     from services.optimizer.gate import run_gate
     from services.optimizer.heldout import text_sequences
-    from services.optimizer.pipeline import calibrate
     from services.optimizer.recipes import RECIPES as ALL_RECIPES
     from services.optimizer.writer import quantize_checkpoint, write_variant
 

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from services.engine.models.manifest import MANIFEST_FILE, directory_checksum
 from services.errors import InvalidParameterError, TokenlineError
-from services.optimizer.calibration import calibration_sequences, input_hessians
+from services.optimizer.calibration import calibrate
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.gate import GateReport, run_gate
 from services.optimizer.heldout import demo_sequences, text_sequences
-from services.optimizer.recipes import Recipe, get_recipe
+from services.optimizer.recipes import get_recipe
 from services.optimizer.writer import quantize_checkpoint, write_variant
 from services.queue.registry import VariantEntry, VariantRegistry, variant_name
 
@@ -168,36 +166,6 @@ def optimize(
         return _result(name, report, timings, final, checksum, published)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def calibrate(
-    source: Path, recipe: Recipe, config: OptimizerConfig, say: Callable[[float, str], None]
-) -> dict[str, torch.Tensor] | None:
-    """The inputs' ``X^T X`` of every decoder linear over the model's own text, for a
-    calibrated recipe; None for round-to-nearest, which uses no calibration data."""
-    if not recipe.calibrated:
-        say(1.0, "not needed: round-to-nearest uses no calibration data")
-        return None
-    budget, length = config.calibration_tokens, config.calibration_max_sequence_tokens
-    say(0.0, f"sampling {budget} tokens from the model, up to {length} a sequence")
-    sequences = calibration_sequences(source, budget, length, config.calibration_seed, start_token(source))
-    tokens = sum(len(ids) for ids in sequences)
-    hessians = input_hessians(
-        source, sequences, lambda done, total: say(done / total, f"{done}/{total} sequences, {tokens} tokens")
-    )
-    say(1.0, f"{tokens} tokens of the model's own text")
-    return hessians
-
-
-def start_token(source: Path) -> int | None:
-    """The checkpoint's BOS token id, else its (first) EOS id, from config.json."""
-    config = json.loads((source / "config.json").read_text())
-    for key in ("bos_token_id", "eos_token_id"):
-        value = config.get(key)
-        value = value[0] if isinstance(value, list) and value else value
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def resolve_source(model: str) -> tuple[Path, str, bool]:
