@@ -133,6 +133,7 @@ def engine_deployment(app_config: AppConfig, model: ModelConfig, path: str) -> A
         model.engine.num_threads,
         model.engine_stall_after_s,
         model.engine_drain_s,
+        model.engine.nice,
     )
 
 

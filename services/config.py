@@ -26,6 +26,10 @@ def _engine_default(name: str) -> Any:
     return EngineConfig.__dataclass_fields__[name].default
 
 
+# EngineSettings fields that set up the replica's threads rather than the engine.
+REPLICA_ONLY_SETTINGS = frozenset({"num_threads", "nice"})
+
+
 class EngineSettings(BaseModel):
     """Engine knobs of one model; ``EngineConfig`` minus the checkpoint path. Every default
     comes from ``EngineConfig`` (services/engine/config.py), so there is one per knob."""
@@ -68,9 +72,17 @@ class EngineSettings(BaseModel):
         description="Reuse KV blocks of shared prompt prefixes.",
     )
     num_threads: int = Field(default=1, ge=1, description="torch intra-op threads per engine replica.")
+    nice: int = Field(
+        default=-10,
+        ge=-20,
+        le=19,
+        description="Nice value of the replica's engine threads (the step loop and its Redis writer): "
+        "below 0 they run ahead of the data plane on a shared CPU. Needs CAP_SYS_NICE; without it "
+        "they keep their priority and the replica logs a warning. 0 leaves it alone.",
+    )
 
     def engine_config(self, model_path: str) -> EngineConfig:
-        options = self.model_dump(exclude={"num_threads"})
+        options = self.model_dump(exclude=set(REPLICA_ONLY_SETTINGS))
         return EngineConfig(model=model_path, **options)
 
 

@@ -27,6 +27,17 @@ RAY_GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 DIRECT_INGRESS_PORTS = 100
+# Ray Serve's request path between our deployments (the ingress's one tokenizer call per
+# request; control calls): deployment handles call replicas over gRPC instead of Ray tasks, the
+# handle's router and the replica's user code run on the replica's own event loop rather than
+# on threads of their own. Measured (demo model, c=16, sustained 20 s): ingress CPU per token
+# 365 -> 272 us, tokenizer replica 101 -> 60 us, throughput +14 %. Serve's log records still go
+# out at once (its throughput-optimized mode would also buffer them 1,000 at a time).
+SERVE_REQUEST_PATH_ENV = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
 
 
 @dataclass(frozen=True)
@@ -98,9 +109,10 @@ def ingress_environment(config: AppConfig) -> dict[str, str]:
     its controller and replicas only; a local Ray started here inherits this process's, and
     on an existing cluster they must be set where Ray runs (cluster/ and the Helm chart do)."""
     if config.grpc_ingress in ("replica", "proxy"):
-        return {DIRECT_INGRESS_ENV: "0", HA_PROXY_ENV: "0"}
+        return {**SERVE_REQUEST_PATH_ENV, DIRECT_INGRESS_ENV: "0", HA_PROXY_ENV: "0"}
     first = config.grpc_port + 1 if config.grpc_ingress == "haproxy" else config.grpc_port
     return {
+        **SERVE_REQUEST_PATH_ENV,
         DIRECT_INGRESS_ENV: "1",
         HA_PROXY_ENV: "1" if config.grpc_ingress == "haproxy" else "0",
         # Ingress replicas take ports from here; behind HAProxy clients never see them.

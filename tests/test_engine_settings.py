@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from services.cli_serving import add_serving_commands, app_config_from_args
-from services.config import EngineSettings
+from services.config import REPLICA_ONLY_SETTINGS, EngineSettings
 from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
 from services.errors import InvalidParameterError
@@ -23,7 +23,7 @@ def serve_args(*argv: str) -> argparse.Namespace:
 def test_app_engine_defaults_are_the_engine_config_defaults() -> None:
     config_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     settings = EngineSettings()
-    for name, value in settings.model_dump(exclude={"num_threads"}).items():
+    for name, value in settings.model_dump(exclude=REPLICA_ONLY_SETTINGS).items():
         assert value == config_defaults[name], name
     assert settings.engine_config("/m") == EngineConfig(model="/m")
 

@@ -9,6 +9,9 @@ cancellations) while the engine computes the next step. Ray Serve calls
 ``stall_after_s``, and Serve then replaces the replica. Its requests are left
 pending in Redis and a live replica resumes them.
 
+The loop and the writer run at the replica's ``nice`` (services/engine/cpu_priority.py): on
+cores shared with the data plane the engine's step goes first and text waits and gathers.
+
 When Redis is away the loop keeps what the engine produced in an outbox and
 retries; it never steps further ahead than one unwritten step (plus the one whose
 write is in flight).
@@ -24,6 +27,7 @@ the replica finishes what it holds for a while, then hands the rest back.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -37,6 +41,7 @@ import torch
 from services.engine.autoscaling import queue_load_stats
 from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
+from services.engine.cpu_priority import apply_thread_nice
 from services.engine.outputs import RequestOutput
 from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, Usage
@@ -83,6 +88,7 @@ class EngineReplica:
         num_threads: int = 1,
         stall_after_s: float = 30.0,
         drain_s: float = 10.0,
+        nice: int = 0,
     ) -> None:
         route_to_serve_logs()  # our records in this replica's Serve log
         torch.set_num_threads(num_threads)
@@ -97,7 +103,8 @@ class EngineReplica:
         self._held: dict[str, _Held] = {}
         self._outbox: list[TokenChunk] = []  # produced, not yet handed to the writer
         self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
-        self._writer = OutputWriter(self.queue, model_name)
+        self._nice = nice
+        self._writer = OutputWriter(self.queue, model_name, functools.partial(apply_thread_nice, nice))
         self._metrics = EngineMetrics(model_name)
         now = time.monotonic()
         self._next_renew = self._next_reclaim = self._next_claim = now
@@ -182,6 +189,7 @@ class EngineReplica:
 
     # ---- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
+        apply_thread_nice(self._nice)
         outage = Backoff()
         try:
             while not self._stop.is_set():

@@ -12,7 +12,7 @@ second acknowledgement frees nothing), so a write that failed is simply sent aga
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,10 +40,16 @@ class _InFlight:
 
 
 class OutputWriter:
-    def __init__(self, queue: EngineQueue, model: str) -> None:
+    def __init__(
+        self, queue: EngineQueue, model: str, on_thread_start: Callable[[], object] | None = None
+    ) -> None:
+        """``on_thread_start``: run first on the writer thread (the replica gives it the engine
+        loop's CPU priority)."""
         self._queue = queue
         self._model = model
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-writer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engine-writer", initializer=on_thread_start
+        )
         self._in_flight: _InFlight | None = None
 
     @property

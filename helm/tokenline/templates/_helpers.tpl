@@ -339,10 +339,17 @@ lifecycle:
      every ingress replica serves gRPC itself from grpc.port+1 on, and HAProxy, which Serve
      starts in every Ray pod, listens on grpc.port. "proxy": Serve's Python gRPC proxy.
      "replica": the ingress replicas' own servers on grpc.port; Serve's direct ingress and
-     HAProxy stay off. */}}
+     HAProxy stay off. The first three are Serve's request path between deployments, in every
+     mode (services.server.SERVE_REQUEST_PATH_ENV). */}}
 {{- define "tokenline.ingressEnv" -}}
 {{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $port := int .Values.grpc.port -}}
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: "1"
+- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+  value: "0"
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
 {{- if or (eq $mode "proxy") (eq $mode "replica") }}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
   value: "0"
