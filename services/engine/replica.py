@@ -108,6 +108,7 @@ class EngineReplica:
         self._metrics = EngineMetrics(model_name)
         now = time.monotonic()
         self._next_renew = self._next_reclaim = self._next_claim = now
+        self._work_waiting = True  # as far as the last step's write could tell
         self._last_progress = time.monotonic()
         self._paused = threading.Event()  # test hook for the "stuck loop" fault; see pause_loop
         self._draining = threading.Event()  # set by stop(): finish what is held, take nothing new
@@ -228,7 +229,8 @@ class EngineReplica:
             self._next_reclaim = now + self._lease_s / 2
         busy = self.engine.has_unfinished()
         room, kv = self._room()
-        if room and (not busy or now >= self._next_claim):
+        # Busy, it asks only when the last step's write saw requests waiting to be claimed.
+        if room and (not busy or (now >= self._next_claim and self._work_waiting)):
             wait_ms = 0 if busy or self._writer.busy else IDLE_WAIT_MS
             self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms, kv))
             self._next_claim = now + BUSY_CLAIM_INTERVAL_S
@@ -290,6 +292,7 @@ class EngineReplica:
             self._outbox[:0] = result.chunks
             self._unacknowledged.update(result.acknowledged)
             raise result.error
+        self._work_waiting = result.work_waiting
         for request_id in result.acknowledged:
             self._held.pop(request_id, None)
             self._unacknowledged.pop(request_id, None)

@@ -52,6 +52,16 @@ class KvBudget:
 
 
 @dataclass(frozen=True)
+class StepReply:
+    """What the per-step write brings back. ``work_waiting``: some priority band may hold
+    requests nobody claimed yet (the ready set is cleared lazily, so True can be stale; False
+    is exact at the time of the write)."""
+
+    cancelled: set[str]
+    work_waiting: bool
+
+
+@dataclass(frozen=True)
 class ClaimedRequest:
     """A request an engine now holds under lease. ``deliveries`` counts this hand-out;
     ``cancelled`` means the client cancelled it before the engine got it: finish it
@@ -173,11 +183,11 @@ class EngineQueue(RedisOwner):
         chunks: Sequence[TokenChunk],
         running_ids: Sequence[str],
         acknowledged: Mapping[str, str] | None = None,
-    ) -> set[str]:
+    ) -> StepReply:
         """The per-step call of an engine, one round trip: append ``chunks``, then acknowledge
         the requests in ``acknowledged`` (request id -> entry id) whose final chunk is written
-        (by this call or an earlier one) and free their admission slots, and return which of
-        ``running_ids`` a client has cancelled."""
+        (by this call or an earlier one) and free their admission slots; say which of
+        ``running_ids`` a client has cancelled and whether any request waits to be claimed."""
         keys = self._keys.for_model(model)
         pipe = self._redis.pipeline(transaction=False)
         self._queue_chunks(pipe, chunks)
@@ -192,10 +202,13 @@ class EngineQueue(RedisOwner):
                 args=[ENGINE_GROUP, stream_id, request_id, ticket],
                 client=pipe,
             )
+        pipe.zcard(keys.ready)
         if running_ids:
             pipe.smismember(keys.cancelled, list(running_ids))
         replies = pipe.execute()
-        return _members(running_ids, replies[-1]) if running_ids else set()
+        cancelled = _members(running_ids, replies[-1]) if running_ids else set()
+        ready_bands = replies[-2] if running_ids else replies[-1]
+        return StepReply(cancelled, work_waiting=int(ready_bands) > 0)
 
     @guard
     def cancelled(self, model: str, request_ids: Sequence[str]) -> set[str]:

@@ -4,7 +4,8 @@ The engine loop hands over the chunks of step N and goes on with step N+1; befor
 hands over step N+1 it collects the result of step N's write. So at most one write
 is in flight and the loop is never more than one step ahead of Redis. A write is one
 pipeline: the chunks, the acknowledgements of requests whose final chunk it carries
-(or that an earlier write completed), and the poll for cancellations.
+(or that an earlier write completed), the poll for cancellations, and whether any request
+waits to be claimed (so that a busy engine asks the queue for work only when there is some).
 
 Everything a write carries is idempotent (readers skip token indices they have, a
 second acknowledgement frees nothing), so a write that failed is simply sent again.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from services.errors import QueueUnavailableError
 from services.messages import TokenChunk
-from services.queue.engine_queue import EngineQueue
+from services.queue.engine_queue import EngineQueue, StepReply
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class WriteResult:
     chunks: list[TokenChunk]
     acknowledged: dict[str, str]  # request id -> queue entry id
     cancelled: set[str] = field(default_factory=set)
+    work_waiting: bool = True  # False: no request waited to be claimed when the write ran
     error: QueueUnavailableError | None = None
 
 
@@ -36,7 +38,7 @@ class WriteResult:
 class _InFlight:
     chunks: list[TokenChunk]
     acknowledged: dict[str, str]
-    future: Future[set[str]]
+    future: Future[StepReply]
 
 
 class OutputWriter:
@@ -75,10 +77,10 @@ class OutputWriter:
         if in_flight is None:
             return None
         try:
-            cancelled = in_flight.future.result()
+            reply = in_flight.future.result()
         except QueueUnavailableError as error:
             return WriteResult(in_flight.chunks, in_flight.acknowledged, error=error)
-        return WriteResult(in_flight.chunks, in_flight.acknowledged, cancelled)
+        return WriteResult(in_flight.chunks, in_flight.acknowledged, reply.cancelled, reply.work_waiting)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
