@@ -104,7 +104,9 @@ class EngineReplica:
         self._outbox: list[TokenChunk] = []  # produced, not yet handed to the writer
         self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
         self._nice = nice
-        self._writer = OutputWriter(self.queue, model_name, functools.partial(apply_thread_nice, nice))
+        # The loop thread reports a refused priority; the writer applies it quietly.
+        quiet_nice = functools.partial(apply_thread_nice, nice, warn=False)
+        self._writer = OutputWriter(self.queue, model_name, quiet_nice)
         self._metrics = EngineMetrics(model_name)
         now = time.monotonic()
         self._next_renew = self._next_reclaim = self._next_claim = now

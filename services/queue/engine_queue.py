@@ -190,6 +190,7 @@ class EngineQueue(RedisOwner):
         ``running_ids`` a client has cancelled and whether any request waits to be claimed."""
         keys = self._keys.for_model(model)
         pipe = self._redis.pipeline(transaction=False)
+        pipe.zcard(keys.ready)  # first reply: bands that may hold requests nobody claimed yet
         self._queue_chunks(pipe, chunks)
         finish = self._scripts[LuaScript.FINISH]
         for request_id, ticket in (acknowledged or {}).items():
@@ -202,13 +203,11 @@ class EngineQueue(RedisOwner):
                 args=[ENGINE_GROUP, stream_id, request_id, ticket],
                 client=pipe,
             )
-        pipe.zcard(keys.ready)
         if running_ids:
             pipe.smismember(keys.cancelled, list(running_ids))
         replies = pipe.execute()
         cancelled = _members(running_ids, replies[-1]) if running_ids else set()
-        ready_bands = replies[-2] if running_ids else replies[-1]
-        return StepReply(cancelled, work_waiting=int(ready_bands) > 0)
+        return StepReply(cancelled, work_waiting=int(replies[0]) > 0)
 
     @guard
     def cancelled(self, model: str, request_ids: Sequence[str]) -> set[str]:
