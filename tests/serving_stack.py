@@ -73,7 +73,13 @@ def stack_config(model_path: str, *, engine_replicas: int = 2, max_queue_depth: 
                 path=model_path,
                 engine_replicas=engine_replicas,
                 engine_stall_after_s=3.0,
-                engine=EngineSettings(kv_cache_memory_gib=0.25, max_num_seqs=16, max_num_batched_tokens=256),
+                # nice 0: the test process drives the load from the same cores. Engines above it
+                # starve the clients (and Serve's controller) that overload and autoscaling tests
+                # need running; those tests measure admission and scaling, not the engine's
+                # priority. test_context_limit's stack runs the default priority and checks it.
+                engine=EngineSettings(
+                    kv_cache_memory_gib=0.25, max_num_seqs=16, max_num_batched_tokens=256, nice=0
+                ),
             ),
         ),
         grpc_port=free_port(),

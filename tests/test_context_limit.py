@@ -1,10 +1,12 @@
 """A configured context limit (engine ``max_model_len``) below the model's own reaches the
 ingress: a prompt that does not fit is refused with INVALID_ARGUMENT naming the prompt, not
 accepted and then failed by the engine. Its own small stack (the shared one keeps the
-model's context)."""
+model's context). Unlike the other test stacks, its engine runs at the default CPU priority,
+and the last test checks that the priority reached the engine's loop."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,10 @@ MAX_MODEL_LEN = 64  # the demo model's own context is 2048
 def short_stack(demo_model_dir: Path) -> Iterator[Stack]:
     config = stack_config(str(demo_model_dir), engine_replicas=1)
     (model,) = config.models
-    engine = EngineSettings(**{**model.engine.model_dump(), "max_model_len": MAX_MODEL_LEN})
+    default_nice = EngineSettings.model_fields["nice"].default
+    engine = EngineSettings(
+        **{**model.engine.model_dump(), "max_model_len": MAX_MODEL_LEN, "nice": default_nice}
+    )
     config = config.model_copy(update={"models": (model.model_copy(update={"engine": engine}),)})
     yield from start_stack(config)
 
@@ -66,3 +71,13 @@ def test_prompt_one_short_of_the_limit_is_served_up_to_the_limit(client: Tokenli
     assert response.usage.prompt_tokens == MAX_MODEL_LEN - 1
     assert len(response.token_ids) == 1
     assert response.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_the_engine_loop_runs_at_the_configured_priority(short_stack: Stack) -> None:
+    (model,) = short_stack.config.models
+    assert model.engine.nice < 0, "the default raises the engine's priority"
+    (status,) = short_stack.engine_statuses(1).values()
+    if os.geteuid() == 0:  # root holds CAP_SYS_NICE, as do the chart's worker pods
+        assert status.loop_nice == model.engine.nice
+    else:  # refused: the loop keeps the priority it was started with (the replica logs why)
+        assert status.loop_nice == os.getpriority(os.PRIO_PROCESS, 0)

@@ -76,6 +76,7 @@ class ReplicaStatus:
     free_blocks: int
     steps: int
     seconds_since_progress: float
+    loop_nice: int  # the step loop's nice value as the kernel holds it: whether ``nice`` took
 
 
 class EngineReplica:
@@ -138,6 +139,7 @@ class EngineReplica:
             free_blocks=capacity.free_blocks,
             steps=self.engine.stats.steps,
             seconds_since_progress=time.monotonic() - self._last_progress,
+            loop_nice=os.getpriority(os.PRIO_PROCESS, self._thread.native_id or 0),
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
