@@ -1,7 +1,7 @@
 """Engine autoscaling on the real stack: engines scale on the work waiting in Redis.
 
 Its own stack (Serve runs one instance per Ray cluster): one to two engine replicas of the demo
-model with two batch slots each, a target of four unfinished requests per replica and short
+model with two batch slots each, a target of five unfinished requests per replica and short
 delays, so that a burst, the idle time after it and a scale-down under load each take seconds.
 Serve's own view of the replicas (``serve.status()``) is sampled in the background and dates
 every change. Streams are greedy and compared with a fault-free run of the same prompts.
@@ -30,12 +30,12 @@ from tests.stack_probes import request, token_ids, wait_until
 OWN_STACK = True
 ENGINE = f"engine-{MODEL_NAME}"
 PROMPTS = ["12+35=", "40+7=", "Count: 3 4 5", "25+61="]
-SLOTS = 2  # batch slots per replica: four steady clients keep both of two replicas full
+SLOTS = 2  # batch slots per replica
 SCALING = EngineAutoscaling(
     enabled=True,
     min_replicas=1,
     max_replicas=2,
-    target_per_replica=4,
+    target_per_replica=5,
     upscale_delay_s=2.0,
     downscale_delay_s=4.0,
     metrics_interval_s=0.5,
@@ -46,7 +46,13 @@ SCALING = EngineAutoscaling(
 REPORT_SLACK_S = 2 * SCALING.metrics_interval_s + 2.0
 TOKENS = 400  # per request: a second or two on one replica, so a stopping replica holds some
 BURST = 24  # one-shot requests: more than target_per_replica for seconds, even on two replicas
-STEADY = 12  # clients streaming back to back: three replicas' worth of work, until told to stop
+STEADY = 12  # clients streaming back to back: over two replicas' worth of work, until told to stop
+# Clients that go on through a scale-down: one replica's worth (the target), one more than both
+# replicas' slots, so a request always waits and a slot freed on the replica Serve stops is
+# refilled within a step. With exactly four (both replicas' slots) the stopped replica now and
+# then held nothing: its two requests had just ended and the clients' next ones were still on
+# their way through the ingress.
+HANDOFF_CLIENTS = int(SCALING.target_per_replica)
 STREAM_TIMEOUT_S = 300.0
 
 
@@ -215,8 +221,8 @@ def test_idle_engines_scale_back_down_to_one_after_the_downscale_delay(
 def test_requests_held_by_a_scaled_down_replica_are_handed_back_and_complete_unchanged(
     stack: Stack, expected: dict[str, list[int]]
 ) -> None:
-    """Two replicas under steady load; then only four clients go on, which fill both replicas'
-    two slots while one replica is wanted, so the one Serve stops holds requests. It hands
+    """Two replicas under steady load; then only ``HANDOFF_CLIENTS`` go on, more than both
+    replicas' slots while one replica is wanted, so the one Serve stops holds requests. It hands
     them back and the other resumes them: every stream equals the fault-free one."""
     clients = scale_up(stack, "handoff")
     # Who holds each request entry, from Redis: the engines' consumer group names the consumer
@@ -235,7 +241,7 @@ def test_requests_held_by_a_scaled_down_replica_are_handed_back_and_complete_unc
     with ThreadPoolExecutor(max_workers=1) as pool:
         watcher = pool.submit(watch_owners)
         try:
-            clients.stop(STEADY - 4)
+            clients.stop(STEADY - HANDOFF_CLIENTS)
             wait_until(lambda: one_left(replica_counts(stack.config.app_name)), 120, "the scale-down")
             time.sleep(3.0)  # the handed-back requests resume on the survivor
         finally:
