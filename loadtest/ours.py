@@ -7,7 +7,8 @@ from pathlib import Path
 
 from loadtest.contender import ContenderResult, Stopwatch
 from loadtest.workload import Workload
-from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine import EngineConfig, SamplingParams
+from services.engine.engine import Engine
 
 
 @dataclass(frozen=True)

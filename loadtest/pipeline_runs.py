@@ -27,7 +27,7 @@ from loadtest.stats import RequestTrace, summarize
 
 if TYPE_CHECKING:
     from services.config import EngineSettings
-    from services.engine import Engine
+    from services.engine.engine import Engine
 
 Log = Callable[[str], None]
 
@@ -161,7 +161,7 @@ def run_in_process_side(
     """The in-process side, with the replica's torch thread count; also every step's duration."""
     import torch
 
-    from services.engine import Engine
+    from services.engine.engine import Engine
 
     side, steps = Side(), {}
     threads_before = torch.get_num_threads()

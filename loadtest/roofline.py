@@ -31,7 +31,7 @@ import torch
 
 from loadtest.bench_model import BenchModel
 from loadtest.ours import greedy_params
-from services.engine import Engine
+from services.engine.engine import Engine
 
 _GB = 1e9
 

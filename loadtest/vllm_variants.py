@@ -31,7 +31,8 @@ from loadtest.contender import ContenderResult, greedy_agreement
 from loadtest.ours import greedy_params
 from loadtest.vllm_contender import find_vllm_python, run_vllm
 from loadtest.workload import Request, Workload, WorkloadSpec
-from services.engine import Engine, EngineConfig
+from services.engine import EngineConfig
+from services.engine.engine import Engine
 from services.optimizer.recipes import get_recipe
 from services.optimizer.writer import quantize_checkpoint, write_variant
 

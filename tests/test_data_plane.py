@@ -15,7 +15,7 @@ from services.messages import FinishReason, GenerationRequest, SamplingParams, T
 from services.queue import EngineQueue, QueueClient, QueueConfig
 from services.queue.detokenizer_queue import DetokenizerQueue
 from services.queue.keys import QueueKeys
-from services.tokenizer import PromptTokenizer
+from services.tokenizer.tokenizer import PromptTokenizer
 from tests.bpe_tokenizer import write_bpe_checkpoint
 
 MODEL = "demo"

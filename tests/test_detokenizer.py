@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from services.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.errors import InvalidParameterError
-from services.tokenizer import PromptTokenizer
+from services.tokenizer.tokenizer import PromptTokenizer
 from tests.bpe_tokenizer import VOCAB_SIZE, byte_token_id, train_byte_level_bpe, write_bpe_checkpoint
 from tests.recording_decoder import RecordingDecoder
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from services.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenDecoder
-from services.tokenizer import PromptTokenizer
 from services.tokenizer.decoding import TextDecoder
+from services.tokenizer.tokenizer import PromptTokenizer
 from tests.real_tokenizers import cached_tokenizer
 from tests.recording_decoder import RecordingDecoder
 

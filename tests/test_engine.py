@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.engine import Engine, EngineConfig, FinishReason, SamplingParams
+from services.engine import EngineConfig, FinishReason, SamplingParams
+from services.engine.engine import Engine
 from services.errors import InvalidParameterError
 from tests.checkpoints import make_tiny_checkpoint
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from services.errors import InvalidParameterError
-from services.tokenizer import PromptTokenizer
 from services.tokenizer.length_bound import max_chars_per_token
+from services.tokenizer.tokenizer import PromptTokenizer
 from tests.bpe_tokenizer import train_byte_level_bpe, write_bpe_checkpoint
 
 

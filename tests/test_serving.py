@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from services.client import TokenlineClient
-from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine import EngineConfig, SamplingParams
+from services.engine.engine import Engine
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from tests.serving_stack import MODEL_NAME, Stack
 from tests.stack_probes import wait_until

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.checkpoints.smollm2 import default_smollm2_dir, is_complete
-from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine import EngineConfig, SamplingParams
+from services.engine.engine import Engine
 from services.errors import InvalidParameterError
 
 

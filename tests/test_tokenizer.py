@@ -18,10 +18,10 @@ from services.tokenizer import (
     ChatMessage,
     ChatPrompt,
     Prompt,
-    PromptTokenizer,
     TextPrompt,
     TokenIdsPrompt,
 )
+from services.tokenizer.tokenizer import PromptTokenizer
 from tests.bpe_tokenizer import BOS, END_OF_TURN, EOS, VOCAB_SIZE, write_bpe_checkpoint
 
 CONTEXT = 64

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from services.detokenizer.follower import RequestText
-from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine import EngineConfig, SamplingParams
+from services.engine.engine import Engine
 from services.errors import InvalidParameterError
 from services.ingress.convert import stream_response
 from services.messages import (

@@ -23,7 +23,8 @@ import pytest
 
 from services.client import TokenlineClient
 from services.config import EngineSettings, ModelConfig
-from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine import EngineConfig, SamplingParams
+from services.engine.engine import Engine
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from tests.raw_grpc import assert_invalid_argument, error_of
 from tests.serving_stack import MODEL_NAME, Stack, stack_config, start_stack

@@ -7,13 +7,17 @@ These defaults are the only ones: the application's ``EngineSettings``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from services.errors import InvalidParameterError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a dtype or device is built, not here: every Serve replica unpickles
+# the application config, which holds this module, and only the engines need torch (importing
+# it costs ~3 s of CPU per replica start).
+_DTYPES = ("float32", "bfloat16", "float16")
 Backend = Literal["native", "vllm"]
 BACKENDS: tuple[Backend, ...] = ("native", "vllm")
 
@@ -69,8 +73,13 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)

@@ -12,7 +12,7 @@ from typing import Any
 from services.config import IngressConfig
 from services.errors import ModelNotFoundError
 from services.queue.served_variants import LiveVariants
-from services.tokenizer.service import ModelInfo
+from services.tokenizer.replies import ModelInfo
 
 
 class ServedModels:

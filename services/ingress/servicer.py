@@ -46,7 +46,7 @@ from services.queue.keys import QueueKeys
 from services.queue.served_variants import LiveVariants
 from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
-from services.tokenizer.service import Encoded
+from services.tokenizer.replies import Encoded
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""Tokenizer: prompt (text, chat or ids) -> validated token ids."""
+"""Tokenizer: prompt (text, chat or ids) -> validated token ids.
+
+``PromptTokenizer`` lives in ``services.tokenizer.tokenizer`` (it needs transformers); this
+package imports only the prompt types, which the ingress uses without tokenizing anything.
+"""
 
 from services.tokenizer.prompt import (
     KNOWN_CHAT_ROLES,
@@ -8,14 +12,12 @@ from services.tokenizer.prompt import (
     TextPrompt,
     TokenIdsPrompt,
 )
-from services.tokenizer.tokenizer import PromptTokenizer
 
 __all__ = [
     "KNOWN_CHAT_ROLES",
     "ChatMessage",
     "ChatPrompt",
     "Prompt",
-    "PromptTokenizer",
     "TextPrompt",
     "TokenIdsPrompt",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from ray import serve
 
@@ -19,21 +18,8 @@ from services.errors import InvalidParameterError, ModelNotFoundError
 from services.queue.served_variants import LiveVariants, ServedVariant, ServedVariantsSource
 from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
+from services.tokenizer.replies import Encoded, ModelInfo
 from services.tokenizer.tokenizer import PromptTokenizer
-
-
-@dataclass(frozen=True)
-class Encoded:
-    token_ids: tuple[int, ...] = ()
-    error: InvalidParameterError | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    max_context_length: int
-    vocab_size: int
-    is_default: bool
 
 
 class TokenizerService:

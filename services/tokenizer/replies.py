@@ -1,0 +1,25 @@
+"""What the tokenizer deployment returns over Ray: typed structs the ingress reads.
+
+Their own module, apart from the deployment, so that the ingress imports them without
+transformers (and the torch it brings), which only the tokenizer replicas need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    token_ids: tuple[int, ...] = ()
+    error: InvalidParameterError | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_context_length: int
+    vocab_size: int
+    is_default: bool
