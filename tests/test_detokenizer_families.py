@@ -12,6 +12,8 @@ must not be held back. The tokenizer files come from ``make tokenizers``
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from services.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenDecoder
+from services.errors import InvalidParameterError
 from services.tokenizer.decoding import TextDecoder
 from services.tokenizer.tokenizer import PromptTokenizer
 from tests.real_tokenizers import cached_tokenizer
@@ -104,6 +107,38 @@ def _chunks(ids: list[int], size: int) -> list[list[int]]:
 def _split(ids: list[int], cuts: list[int]) -> list[list[int]]:
     bounds = [0, *sorted({cut % (len(ids) + 1) for cut in cuts}), len(ids)]
     return [ids[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+def _checkpoint_of(family: Family, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A checkpoint directory holding the family's tokenizer (the demo model is one)."""
+    if family.name == "demo":
+        checkpoint: Path = request.getfixturevalue("demo_model_dir")
+        return checkpoint
+    shutil.copy(cached_tokenizer(family.name), tmp_path / "tokenizer.json")
+    config = {"model_type": "llama", "max_position_embeddings": 4096, "vocab_size": family.vocab_size}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_the_detokenizer_decodes_the_checkpoint_as_the_tokenizer_replica_does(
+    family: Family, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Detokenizer replicas read tokenizer.json without transformers (TextDecoder.from_checkpoint);
+    the tokenizer replica loads the same directory through transformers (PromptTokenizer)."""
+    checkpoint = _checkpoint_of(family, tmp_path, request)
+    direct, served = TextDecoder.from_checkpoint(checkpoint), PromptTokenizer(checkpoint)
+    assert direct.skipped_token_ids == served.skipped_token_ids
+    assert direct.byte_fallback_values == served.byte_fallback_values
+    sequences = [family.tricky_ids, *(family.encode(text) for text in MULTILINGUAL)]
+    sequences.append(list(range(0, family.vocab_size, max(1, family.vocab_size // 3000))))
+    for ids in sequences:
+        assert direct.decode(ids) == served.decode(ids)
+
+
+def test_a_checkpoint_without_tokenizer_json_is_refused_naming_the_directory(tmp_path: Path) -> None:
+    with pytest.raises(InvalidParameterError) as raised:
+        TextDecoder.from_checkpoint(tmp_path)
+    assert raised.value.field == "checkpoint_dir" and "tokenizer.json" in str(raised.value)
 
 
 def test_mistral_splits_the_chinese_text_into_byte_tokens(family: Family) -> None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from services.detokenizer.incremental import IncrementalDetokenizer
+from services.detokenizer.incremental import IncrementalDetokenizer, TokenDecoder
 from services.detokenizer.stop import StopStringMatcher
 from services.detokenizer.token_texts import TokenTexts
 from services.messages import FinishReason, StreamRequest, TextDelta, TokenChunk, Usage, merge_text_deltas
-from services.tokenizer.tokenizer import PromptTokenizer
 
 
 class RequestText:
@@ -23,7 +22,7 @@ class RequestText:
 
     def __init__(
         self,
-        tokenizer: PromptTokenizer,
+        tokenizer: TokenDecoder,
         request: StreamRequest,
         from_token: int = 0,
         token_texts: TokenTexts | None = None,
@@ -61,7 +60,7 @@ class RequestText:
 class _TextFollower:
     """Incremental detokenization plus stop strings over the chunks of one request."""
 
-    def __init__(self, tokenizer: PromptTokenizer, stops: tuple[str, ...], token_texts: TokenTexts) -> None:
+    def __init__(self, tokenizer: TokenDecoder, stops: tuple[str, ...], token_texts: TokenTexts) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopStringMatcher(stops) if stops else None
         self._token_texts = token_texts

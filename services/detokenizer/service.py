@@ -27,7 +27,7 @@ from services.queue.detokenizer_queue import DetokenizerQueue
 from services.queue.outage import Backoff
 from services.queue.served_variants import ServedVariantsSource
 from services.serve_logs import route_to_serve_logs
-from services.tokenizer.tokenizer import PromptTokenizer
+from services.tokenizer.decoding import TextDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class DetokenizerService:
         served_variants: ServedVariantsSource | None = None,
     ) -> None:
         route_to_serve_logs()  # our records in this replica's Serve log
-        own = {name: PromptTokenizer(path) for name, path in model_paths.items()}
+        own = {name: TextDecoder.from_checkpoint(path) for name, path in model_paths.items()}
         tokenizers = ServedTokenizers(own, served_variants.sync_view() if served_variants else None)
         self._queue_config = queue_config
         self._queue = DetokenizerQueue(redis_url, queue_config)

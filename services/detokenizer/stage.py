@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.detokenizer.follower import RequestText
+from services.detokenizer.incremental import TokenDecoder
 from services.detokenizer.token_texts import TokenTexts
 from services.errors import QueueUnavailableError
 from services.messages import FinishReason, TextDelta, TokenChunk
 from services.queue.detokenizer_queue import Assignment, DetokenizerQueue
 from services.queue.output_stream import OutputCursor, advance
-from services.tokenizer.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class DetokenizerStage:
 
     def __init__(
         self,
-        tokenizers: Mapping[str, PromptTokenizer],
+        tokenizers: Mapping[str, TokenDecoder],
         queue: DetokenizerQueue,
         consumer: str,
         lease_s: float,

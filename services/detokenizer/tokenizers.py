@@ -1,21 +1,22 @@
-"""The tokenizers a detokenizer replica renders with: the app's models and the variants
+"""The decoders a detokenizer replica renders with: the app's models and the variants
 published while it runs, each variant's loaded from its directory on first use."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+from services.detokenizer.incremental import TokenDecoder
 from services.queue.served_variants import LiveVariantsSync
-from services.tokenizer.tokenizer import PromptTokenizer
+from services.tokenizer.decoding import TextDecoder
 
 
-class ServedTokenizers(Mapping[str, PromptTokenizer]):
-    def __init__(self, own: Mapping[str, PromptTokenizer], live: LiveVariantsSync | None) -> None:
+class ServedTokenizers(Mapping[str, TokenDecoder]):
+    def __init__(self, own: Mapping[str, TokenDecoder], live: LiveVariantsSync | None) -> None:
         self._own = dict(own)
         self._live = live
-        self._variants: dict[str, tuple[str, PromptTokenizer]] = {}  # name -> (checksum, tokenizer)
+        self._variants: dict[str, tuple[str, TokenDecoder]] = {}  # name -> (checksum, decoder)
 
-    def __getitem__(self, model: str) -> PromptTokenizer:
+    def __getitem__(self, model: str) -> TokenDecoder:
         """Raises KeyError for a model that is neither the app's own nor a served variant, and
         QueueUnavailableError when the served variants cannot be read (the loop waits for Redis)."""
         own = self._own.get(model)
@@ -28,7 +29,7 @@ class ServedTokenizers(Mapping[str, PromptTokenizer]):
         if loaded is None or loaded[0] != variant.checksum:
             # Requests of a new variant are few at first; loading here, in the loop, costs them
             # one pause of the loop (well under a second for a tokenizer.json).
-            loaded = (variant.checksum, PromptTokenizer(variant.artifact_dir))
+            loaded = (variant.checksum, TextDecoder.from_checkpoint(variant.artifact_dir))
             self._variants[model] = loaded
         return loaded[1]
 

@@ -23,7 +23,11 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from services.errors import InvalidParameterError
+
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+TOKENIZER_FILE = "tokenizer.json"
+NO_TOKENIZER_FILE = "needs a tokenizer.json (fast tokenizer)"
 
 
 class TextDecoder:
@@ -40,6 +44,20 @@ class TextDecoder:
     def from_file(cls, tokenizer_json: str | os.PathLike[str]) -> TextDecoder:
         """From a bare ``tokenizer.json`` (no config files needed)."""
         return cls(Tokenizer.from_file(str(Path(tokenizer_json))))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | os.PathLike[str]) -> TextDecoder:
+        """The decoder of a checkpoint's ``tokenizer.json``, read without transformers: a
+        process that only decodes (a detokenizer replica) then needs neither transformers nor
+        the torch it imports, ~5 s of CPU at every start. It decodes as ``PromptTokenizer``
+        does; tests/test_detokenizer_families.py holds the two side by side."""
+        path = Path(checkpoint_dir) / TOKENIZER_FILE
+        if not path.is_file():
+            raise InvalidParameterError("checkpoint_dir", str(checkpoint_dir), NO_TOKENIZER_FILE)
+        try:
+            return cls.from_file(path)
+        except Exception as error:  # tokenizers raises plain Exception on a malformed file
+            raise InvalidParameterError("checkpoint_dir", str(path), f"unreadable: {error}") from error
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` without special tokens."""

@@ -18,7 +18,7 @@ import jinja2
 from transformers import AutoTokenizer
 
 from services.errors import InvalidParameterError
-from services.tokenizer.decoding import TextDecoder
+from services.tokenizer.decoding import NO_TOKENIZER_FILE, TOKENIZER_FILE, TextDecoder
 from services.tokenizer.length_bound import max_chars_per_token
 from services.tokenizer.prompt import (
     KNOWN_CHAT_ROLES,
@@ -41,14 +41,16 @@ class PromptTokenizer:
         config = _read_json(path / "config.json")
         if config is None:
             raise InvalidParameterError("checkpoint_dir", str(path), "has no config.json")
+        # Required even where transformers could convert a slow tokenizer: the detokenizer
+        # replicas read this file directly (TextDecoder.from_checkpoint).
+        if not (path / TOKENIZER_FILE).is_file():
+            raise InvalidParameterError("checkpoint_dir", str(path), NO_TOKENIZER_FILE)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as error:
             raise InvalidParameterError("checkpoint_dir", str(path), f"no tokenizer: {error}") from error
         if not getattr(tokenizer, "is_fast", False):
-            raise InvalidParameterError(
-                "checkpoint_dir", str(path), "needs a tokenizer.json (fast tokenizer)"
-            )
+            raise InvalidParameterError("checkpoint_dir", str(path), NO_TOKENIZER_FILE)
         self._tokenizer = tokenizer
         self._backend = tokenizer.backend_tokenizer
         # Some tokenizer.json files carry truncation or padding settings; either would
