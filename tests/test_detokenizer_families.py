@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from services.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenDecoder
 from services.errors import InvalidParameterError
-from services.tokenizer.decoding import TextDecoder
+from services.tokenizer.decoding import TOKENIZER_FILE, TextDecoder
 from services.tokenizer.tokenizer import PromptTokenizer
 from tests.real_tokenizers import cached_tokenizer
 from tests.recording_decoder import RecordingDecoder
@@ -114,7 +114,7 @@ def _checkpoint_of(family: Family, tmp_path: Path, request: pytest.FixtureReques
     if family.name == "demo":
         checkpoint: Path = request.getfixturevalue("demo_model_dir")
         return checkpoint
-    shutil.copy(cached_tokenizer(family.name), tmp_path / "tokenizer.json")
+    shutil.copy(cached_tokenizer(family.name), tmp_path / TOKENIZER_FILE)
     config = {"model_type": "llama", "max_position_embeddings": 4096, "vocab_size": family.vocab_size}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path

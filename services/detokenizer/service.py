@@ -19,8 +19,8 @@ import time
 import uuid
 from collections.abc import Mapping
 
+from services.detokenizer.decoders import ServedDecoders
 from services.detokenizer.stage import DetokenizerStage
-from services.detokenizer.tokenizers import ServedTokenizers
 from services.errors import QueueUnavailableError
 from services.queue import QueueConfig
 from services.queue.detokenizer_queue import DetokenizerQueue
@@ -45,12 +45,12 @@ class DetokenizerService:
     ) -> None:
         route_to_serve_logs()  # our records in this replica's Serve log
         own = {name: TextDecoder.from_checkpoint(path) for name, path in model_paths.items()}
-        tokenizers = ServedTokenizers(own, served_variants.sync_view() if served_variants else None)
+        decoders = ServedDecoders(own, served_variants.sync_view() if served_variants else None)
         self._queue_config = queue_config
         self._queue = DetokenizerQueue(redis_url, queue_config)
         self._queue.ensure_group()
         consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._stage = DetokenizerStage(tokenizers, self._queue, consumer, queue_config.lease_s)
+        self._stage = DetokenizerStage(decoders, self._queue, consumer, queue_config.lease_s)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._last_turn = time.monotonic()

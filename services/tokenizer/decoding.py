@@ -51,9 +51,7 @@ class TextDecoder:
         process that only decodes (a detokenizer replica) then needs neither transformers nor
         the torch it imports, ~5 s of CPU at every start. It decodes as ``PromptTokenizer``
         does; tests/test_detokenizer_families.py holds the two side by side."""
-        path = Path(checkpoint_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise InvalidParameterError("checkpoint_dir", str(checkpoint_dir), NO_TOKENIZER_FILE)
+        path = checkpoint_tokenizer_file(checkpoint_dir)
         try:
             return cls.from_file(path)
         except Exception as error:  # tokenizers raises plain Exception on a malformed file
@@ -85,6 +83,16 @@ class TextDecoder:
         """Byte value of each byte-fallback token id; empty unless the decoder has a
         ByteFallback step (byte-level BPE tokenizers have none)."""
         return self._byte_values
+
+
+def checkpoint_tokenizer_file(checkpoint_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint's ``tokenizer.json``; a checkpoint without one is refused, naming the
+    directory. The tokenizer and detokenizer deployments both require it (the detokenizer
+    reads it directly), even where transformers could convert a slow tokenizer."""
+    path = Path(checkpoint_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise InvalidParameterError("checkpoint_dir", str(checkpoint_dir), NO_TOKENIZER_FILE)
+    return path
 
 
 def _byte_fallback_values(backend: Tokenizer) -> dict[int, int]:

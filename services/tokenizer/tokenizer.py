@@ -18,7 +18,7 @@ import jinja2
 from transformers import AutoTokenizer
 
 from services.errors import InvalidParameterError
-from services.tokenizer.decoding import NO_TOKENIZER_FILE, TOKENIZER_FILE, TextDecoder
+from services.tokenizer.decoding import NO_TOKENIZER_FILE, TextDecoder, checkpoint_tokenizer_file
 from services.tokenizer.length_bound import max_chars_per_token
 from services.tokenizer.prompt import (
     KNOWN_CHAT_ROLES,
@@ -41,10 +41,7 @@ class PromptTokenizer:
         config = _read_json(path / "config.json")
         if config is None:
             raise InvalidParameterError("checkpoint_dir", str(path), "has no config.json")
-        # Required even where transformers could convert a slow tokenizer: the detokenizer
-        # replicas read this file directly (TextDecoder.from_checkpoint).
-        if not (path / TOKENIZER_FILE).is_file():
-            raise InvalidParameterError("checkpoint_dir", str(path), NO_TOKENIZER_FILE)
+        checkpoint_tokenizer_file(path)  # the detokenizer replicas read it directly
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as error:

@@ -10,7 +10,7 @@ from services.queue.served_variants import LiveVariantsSync
 from services.tokenizer.decoding import TextDecoder
 
 
-class ServedTokenizers(Mapping[str, TokenDecoder]):
+class ServedDecoders(Mapping[str, TokenDecoder]):
     def __init__(self, own: Mapping[str, TokenDecoder], live: LiveVariantsSync | None) -> None:
         self._own = dict(own)
         self._live = live
