@@ -14,16 +14,33 @@ PICKED_PORTS = range(20000, 32000)
 _ATTEMPTS = 200
 
 
+def _bindable(family: socket.AddressFamily, address: str, port: int) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as [::] servers bind
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_everywhere(port: int) -> bool:
+    """Whether a server binding every address could take ``port``: the ingress binds [::]
+    (IPv4 and IPv6), which fails on a port any socket of either family holds, an IPv6-only
+    listener included — one that a probe of an IPv4 address alone does not see."""
+    try:
+        return _bindable(socket.AF_INET6, "::", port)
+    except OSError:  # no IPv6 on this host: the IPv4 wildcard is every address there is
+        return _bindable(socket.AF_INET, "0.0.0.0", port)
+
+
 def free_loopback_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` now, drawn at random from ``PICKED_PORTS``."""
+    """A port free on ``host`` and on every other address now, drawn at random from ``PICKED_PORTS``."""
     chooser = random.SystemRandom()
     for _ in range(_ATTEMPTS):
         port = chooser.choice(PICKED_PORTS)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
+        if _bindable(socket.AF_INET, host, port) and _free_everywhere(port):
             return port
     span = f"{PICKED_PORTS.start}-{PICKED_PORTS.stop - 1}"
     raise OSError(f"no free port on {host} in {span} after {_ATTEMPTS} tries")
