@@ -223,6 +223,9 @@ class IngressConfig(BaseModel):
         default_factory=dict, description="Served quantized variants by name, for ListModels."
     )
     live_variants: LiveVariantsConfig = Field(default_factory=LiveVariantsConfig)
+    tokenizer_calls_in_flight: int = Field(
+        ge=1, description="AppConfig.tokenizer_calls_in_flight (the default is kept there)."
+    )
 
     def variant_fields(self, name: str) -> dict[str, object]:
         """ModelInfo fields of a served variant (none for a source model)."""
@@ -293,6 +296,14 @@ class AppConfig(BaseModel):
         "keeps serving its open streams before Serve stops it; a stream still open then breaks and "
         "its client continues it with Resume.",
     )
+    tokenizer_calls_in_flight: int = Field(
+        default=2,
+        ge=1,
+        description="Most calls one ingress replica has out to the tokenizer deployment at once. A "
+        "prompt that arrives while that many are out waits and goes with every other waiting prompt "
+        "in the next call: a call's fixed cost in CPU (milliseconds, against a fraction of one to "
+        "encode a prompt) is then shared under load, while a lone prompt still leaves at once.",
+    )
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     variants: tuple[str, ...] = Field(
@@ -354,6 +365,7 @@ class AppConfig(BaseModel):
             auth=self.auth,
             variants={m.name: m.variant for m in self.models if m.variant is not None},
             live_variants=self.live_variants,
+            tokenizer_calls_in_flight=self.tokenizer_calls_in_flight,
         )
 
     @classmethod

@@ -38,6 +38,7 @@ from services.ingress.rpc_metrics import counted_stream, counted_unary
 from services.ingress.served_models import ServedModels
 from services.ingress.status import CallContext, RpcError, abort, rpc_error_for
 from services.ingress.text_fanout import TextFanout
+from services.ingress.tokenize_batcher import TokenizeBatcher
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
 from services.metrics.ingress import IngressMetrics
 from services.proto.tokenline.v1 import generation_pb2 as pb
@@ -46,7 +47,7 @@ from services.queue.keys import QueueKeys
 from services.queue.served_variants import LiveVariants
 from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
-from services.tokenizer.replies import Encoded
+from services.tokenizer.replies import MAX_PROMPTS_PER_CALL
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ class IngressService:
         self._queue = QueueClient(redis_url, config.queue)
         self._auth = Authenticator(redis_url, config.queue.key_prefix, cache_ttl_s=config.auth.cache_ttl_s)
         self._limits = RateLimiter(redis_url, config.queue.key_prefix)
-        self._tokenizer = tokenizer  # DeploymentHandle[TokenizerService]
         # The detokenizer and engines are deployed with us; nothing calls them on the request path.
         self._detokenizer = detokenizer
         self._engines = engines
@@ -95,6 +95,9 @@ class IngressService:
         prefix = config.queue.key_prefix
         variants = LiveVariants(redis_url, prefix, live.cache_ttl_s) if live.enabled else None
         self._served = ServedModels(config, variants, tokenizer)
+        self._tokenize = TokenizeBatcher(
+            tokenizer.encode_many.remote, config.tokenizer_calls_in_flight, MAX_PROMPTS_PER_CALL
+        )
         wake_key = QueueKeys(config.queue.key_prefix).wake(f"ingress-{uuid.uuid4().hex}")
         queue = config.queue
         self._texts = TextFanout(self._queue, wake_key, queue.reader_outage_s, queue.busy_pause_s)
@@ -312,7 +315,7 @@ class IngressService:
         return await self._auth.authenticate(grpc_context.invocation_metadata(), model)
 
     async def _encode(self, model: str, prompt: Prompt) -> list[int]:
-        encoded: Encoded = await self._tokenizer.encode.remote((model, prompt))
+        encoded = await self._tokenize.encode(model, prompt)
         if encoded.error is not None:
             raise encoded.error
         return list(encoded.token_ids)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from services.errors import InvalidParameterError
 
+# Most prompts the tokenizer deployment encodes as one native batch, and the most one call carries.
+MAX_PROMPTS_PER_CALL = 32
+
 
 @dataclass(frozen=True)
 class Encoded:

@@ -18,7 +18,7 @@ from services.errors import InvalidParameterError, ModelNotFoundError
 from services.queue.served_variants import LiveVariants, ServedVariant, ServedVariantsSource
 from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
-from services.tokenizer.replies import Encoded, ModelInfo
+from services.tokenizer.replies import MAX_PROMPTS_PER_CALL, Encoded, ModelInfo
 from services.tokenizer.tokenizer import PromptTokenizer
 
 
@@ -68,9 +68,15 @@ class TokenizerService:
             self._variant_tokenizers[variant.name] = loaded
         return loaded[1]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=MAX_PROMPTS_PER_CALL, batch_wait_timeout_s=0.0)
     async def encode(self, requests: list[tuple[str, Prompt]]) -> list[Encoded]:
-        """Encode ``(model, prompt)`` pairs; calls arriving together run as one native batch per model."""
+        """One ``(model, prompt)`` pair per call, as ingress replicas before ``encode_many`` call
+        it: kept so that those still serving during a rolling update keep working."""
+        return await self.encode_many(requests)
+
+    async def encode_many(self, requests: list[tuple[str, Prompt]]) -> list[Encoded]:
+        """Encode ``(model, prompt)`` pairs sent in one call (the ingress's ``TokenizeBatcher``),
+        as one native batch per model; one reply per pair, in order."""
         results: list[Encoded] = [Encoded() for _ in requests]
         by_model: dict[str, list[int]] = {}
         for index, (model, _) in enumerate(requests):
