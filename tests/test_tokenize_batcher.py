@@ -51,12 +51,23 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _send(batcher: TokenizeBatcher, *texts: str) -> list[asyncio.Task[Encoded]]:
+    """Each text's encode started, in order; returns once the batcher has acted on them."""
+    replies = [asyncio.create_task(batcher.encode("demo", TextPrompt(text))) for text in texts]
+    await _settle()
+    return replies
+
+
+async def _release(tokenizer: HeldTokenizer, call: int) -> None:
+    tokenizer.release(call)
+    await _settle()
+
+
 @in_loop
 async def test_a_lone_prompt_leaves_at_once() -> None:
     tokenizer = HeldTokenizer()
     batcher = TokenizeBatcher(tokenizer.encode_many, max_calls_in_flight=1, max_prompts_per_call=8)
-    reply = asyncio.ensure_future(batcher.encode("demo", TextPrompt("abc")))
-    await _settle()
+    (reply,) = await _send(batcher, "abc")
     assert tokenizer.calls == [["abc"]]
     tokenizer.release(0)
     assert (await reply).token_ids == (3,)
@@ -66,13 +77,10 @@ async def test_a_lone_prompt_leaves_at_once() -> None:
 async def test_prompts_arriving_while_the_calls_are_out_go_together_each_with_its_own_reply() -> None:
     tokenizer = HeldTokenizer()
     batcher = TokenizeBatcher(tokenizer.encode_many, max_calls_in_flight=1, max_prompts_per_call=8)
-    first = asyncio.ensure_future(batcher.encode("demo", TextPrompt("a")))
-    await _settle()
-    waiting = [asyncio.ensure_future(batcher.encode("demo", TextPrompt("x" * n))) for n in (2, 3, 4)]
-    await _settle()
+    (first,) = await _send(batcher, "a")
+    waiting = await _send(batcher, "xx", "xxx", "xxxx")
     assert tokenizer.calls == [["a"]]  # the one call allowed is out: the others wait
-    tokenizer.release(0)
-    await _settle()
+    await _release(tokenizer, 0)
     assert tokenizer.calls == [["a"], ["xx", "xxx", "xxxx"]]
     tokenizer.release(1)
     assert (await first).token_ids == (1,)
@@ -83,15 +91,12 @@ async def test_prompts_arriving_while_the_calls_are_out_go_together_each_with_it
 async def test_a_call_carries_at_most_max_prompts_per_call() -> None:
     tokenizer = HeldTokenizer()
     batcher = TokenizeBatcher(tokenizer.encode_many, max_calls_in_flight=2, max_prompts_per_call=2)
-    replies = [asyncio.ensure_future(batcher.encode("demo", TextPrompt(str(n)))) for n in range(5)]
-    await _settle()
+    replies = await _send(batcher, "0", "1", "2", "3", "4")
     # The first two leave alone, one per free call; the three that arrive after wait.
     assert tokenizer.calls == [["0"], ["1"]]
-    tokenizer.release(0)
-    await _settle()
+    await _release(tokenizer, 0)
     assert tokenizer.calls == [["0"], ["1"], ["2", "3"]]  # two of the three: the most a call carries
-    tokenizer.release(1)
-    await _settle()
+    await _release(tokenizer, 1)
     assert tokenizer.calls == [["0"], ["1"], ["2", "3"], ["4"]]
     tokenizer.release(2)
     tokenizer.release(3)
@@ -102,19 +107,15 @@ async def test_a_call_carries_at_most_max_prompts_per_call() -> None:
 async def test_a_failed_call_fails_every_prompt_in_it_and_the_next_call_still_goes() -> None:
     tokenizer = HeldTokenizer()
     batcher = TokenizeBatcher(tokenizer.encode_many, max_calls_in_flight=1, max_prompts_per_call=8)
-    held = asyncio.ensure_future(batcher.encode("demo", TextPrompt("a")))
-    await _settle()
-    doomed = [asyncio.ensure_future(batcher.encode("demo", TextPrompt(text))) for text in ("bad", "ok")]
-    await _settle()
-    tokenizer.release(0)
-    await _settle()
+    (held,) = await _send(batcher, "a")
+    doomed = await _send(batcher, "bad", "ok")
+    await _release(tokenizer, 0)
     tokenizer.release(1)
     for reply in doomed:
         with pytest.raises(RuntimeError, match="tokenizer replica died"):
             await reply
     assert (await held).token_ids == (1,)
-    after = asyncio.ensure_future(batcher.encode("demo", TextPrompt("after")))
-    await _settle()
+    (after,) = await _send(batcher, "after")
     tokenizer.release(2)
     assert (await after).token_ids == (5,)
 
@@ -123,14 +124,10 @@ async def test_a_failed_call_fails_every_prompt_in_it_and_the_next_call_still_go
 async def test_a_prompt_whose_caller_went_away_is_not_sent() -> None:
     tokenizer = HeldTokenizer()
     batcher = TokenizeBatcher(tokenizer.encode_many, max_calls_in_flight=1, max_prompts_per_call=8)
-    held = asyncio.ensure_future(batcher.encode("demo", TextPrompt("a")))
-    await _settle()
-    gone = asyncio.ensure_future(batcher.encode("demo", TextPrompt("gone")))
-    kept = asyncio.ensure_future(batcher.encode("demo", TextPrompt("kept")))
-    await _settle()
+    (held,) = await _send(batcher, "a")
+    gone, kept = await _send(batcher, "gone", "kept")
     gone.cancel()
-    tokenizer.release(0)
-    await _settle()
+    await _release(tokenizer, 0)
     assert tokenizer.calls == [["a"], ["kept"]]
     tokenizer.release(1)
     assert (await kept).token_ids == (4,)
