@@ -255,6 +255,35 @@ def test_the_step_write_says_whether_requests_wait_to_be_claimed(redis_url: str)
         assert not engine.append_and_poll_cancels(MODEL, [], []).work_waiting
 
 
+def _script_command_calls(client: redis.Redis) -> int:
+    """SCRIPT commands Redis has run (redis-py files SCRIPT EXISTS, LOAD, ... under one key)."""
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_script", {}).get("calls", 0))
+
+
+def test_the_step_write_that_finishes_requests_is_one_round_trip_and_survives_a_script_flush(
+    redis_url: str,
+) -> None:
+    """The step's write releases finished requests with the FINISH script in its own pipeline,
+    without asking Redis first whether the script exists; a Redis that lost its scripts (a
+    restart) gets them again and the release is sent again, the tokens only once."""
+    config = QueueConfig()
+    enqueue_all(redis_url, config, request("one"), request("two"))
+    with EngineQueue(redis_url, config) as engine, redis.Redis.from_url(redis_url) as raw:
+        first, second = engine.claim(MODEL, "e", 2, 0)
+        engine.finish(MODEL, "0-0", "nobody")  # loads FINISH, as a replica's first release would
+        asked_before = _script_command_calls(raw)
+        final = TokenChunk("one", 0, (5,), finish_reason=FinishReason.LENGTH)
+        engine.append_and_poll_cancels(MODEL, [final], ["two"], {"one": first.entry_id})
+        assert _script_command_calls(raw) == asked_before, "no SCRIPT EXISTS round trip"
+        assert with_client(redis_url, config, lambda client: client.depth(MODEL)) == 1
+        raw.script_flush()
+        final = TokenChunk("two", 0, (6,), finish_reason=FinishReason.LENGTH)
+        engine.append_and_poll_cancels(MODEL, [final], [], {"two": second.entry_id})
+        assert with_client(redis_url, config, lambda client: client.depth(MODEL)) == 0
+        assert raw.xlen(KEYS.output("two")) == 1, "only the release is sent again, not the tokens"
+
+
 def test_cancel_of_a_queued_request_is_seen_at_claim(redis_url: str) -> None:
     config = QueueConfig()
     enqueue_all(redis_url, config, request("queued"))

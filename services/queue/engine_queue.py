@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.client import Pipeline
 from redis.commands.core import Script
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT, KeyT, StreamIdT
 
 from services.errors import InvalidParameterError
@@ -189,25 +190,38 @@ class EngineQueue(RedisOwner):
         (by this call or an earlier one) and free their admission slots; say which of
         ``running_ids`` a client has cancelled and whether any request waits to be claimed."""
         keys = self._keys.for_model(model)
+        acknowledged = acknowledged or {}
         pipe = self._redis.pipeline(transaction=False)
         pipe.zcard(keys.ready)  # first reply: bands that may hold requests nobody claimed yet
         self._queue_chunks(pipe, chunks)
-        finish = self._scripts[LuaScript.FINISH]
-        for request_id, ticket in (acknowledged or {}).items():
+        self._queue_finishes(pipe, keys, acknowledged)
+        if running_ids:
+            pipe.smismember(keys.cancelled, list(running_ids))
+        replies = pipe.execute(raise_on_error=False)
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors and all(isinstance(error, NoScriptError) for error in errors):
+            # Redis lost its scripts (it restarted empty); the rest of the write went through.
+            self._redis.script_load(LuaScript.FINISH.value)
+            again = self._redis.pipeline(transaction=False)
+            self._queue_finishes(again, keys, acknowledged)
+            again.execute()
+        elif errors:
+            raise errors[0]
+        cancelled = _members(running_ids, replies[-1]) if running_ids else set()
+        return StepReply(cancelled, work_waiting=int(replies[0]) > 0)
+
+    def _queue_finishes(self, pipe: Pipeline, keys: ModelKeys, acknowledged: Mapping[str, str]) -> None:
+        # A bare EVALSHA: handed a registered Script, redis-py's pipeline first asks Redis whether
+        # the script exists, one more round trip on every write that finishes a request.
+        finish_sha = self._scripts[LuaScript.FINISH].sha
+        for request_id, ticket in acknowledged.items():
             located = split_ticket(ticket)
             if located is None:  # names no entry: nothing holds it, nothing to release
                 continue
             priority, stream_id = located
-            finish(
-                keys=[keys.band(priority), keys.active, keys.cancelled],
-                args=[ENGINE_GROUP, stream_id, request_id, ticket],
-                client=pipe,
-            )
-        if running_ids:
-            pipe.smismember(keys.cancelled, list(running_ids))
-        replies = pipe.execute()
-        cancelled = _members(running_ids, replies[-1]) if running_ids else set()
-        return StepReply(cancelled, work_waiting=int(replies[0]) > 0)
+            finish_keys = [keys.band(priority), keys.active, keys.cancelled]
+            finish_args = [ENGINE_GROUP, stream_id, request_id, ticket]
+            pipe.evalsha(finish_sha, len(finish_keys), *finish_keys, *finish_args)
 
     @guard
     def cancelled(self, model: str, request_ids: Sequence[str]) -> set[str]:
