@@ -83,6 +83,8 @@ def _expected(traffic: Traffic) -> dict[tuple[str, tuple[tuple[str, str], ...]],
         (_name(catalog.E2E_REQUEST_LATENCY, "_count"), model): streams,
         (_name(catalog.INTER_TOKEN_LATENCY, "_count"), model): sum(traffic.messages_per_stream) - streams,
         (_name(catalog.REQUEST_QUEUE_TIME, "_count"), model): streams,
+        # Every prompt is tokenized twice: by Tokenize and by its stream (the refused calls never are).
+        (_name(catalog.TOKENIZE_TIME, "_count"), model): 2 * streams,
         (_name(catalog.RPC_ERRORS), (("rpc", "Generate"), ("code", "INVALID_ARGUMENT"))): 1.0,
         (_name(catalog.RPC_ERRORS), (("rpc", "GenerateStream"), ("code", "UNAUTHENTICATED"))): 1.0,
         # After the traffic: nothing runs, waits or is queued.
@@ -115,9 +117,14 @@ def test_scrape_counts_the_traffic_sent(metrics_stack: Stack, traffic: Traffic) 
 
 def test_latency_histograms_are_consistent(metrics_stack: Stack, traffic: Traffic) -> None:
     current = scrape(metrics_stack.metrics_url)
-    for spec in (catalog.TIME_TO_FIRST_TOKEN, catalog.E2E_REQUEST_LATENCY, catalog.REQUEST_QUEUE_TIME):
+    for spec, calls in (
+        (catalog.TIME_TO_FIRST_TOKEN, len(PROMPTS)),
+        (catalog.E2E_REQUEST_LATENCY, len(PROMPTS)),
+        (catalog.REQUEST_QUEUE_TIME, len(PROMPTS)),
+        (catalog.TOKENIZE_TIME, 2 * len(PROMPTS)),  # Tokenize and GenerateStream
+    ):
         count = current.total(_name(spec, "_count"), model=MODEL_NAME)
-        assert count == len(PROMPTS), spec.name
+        assert count == calls, spec.name
         seconds = current.total(_name(spec, "_sum"), model=MODEL_NAME)
         assert 0.0 < seconds < count * 120.0, f"{spec.name}: {seconds}s over {count} requests"
         assert current.total(_name(spec, "_bucket"), model=MODEL_NAME, le="+Inf") == count

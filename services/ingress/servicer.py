@@ -315,7 +315,9 @@ class IngressService:
         return await self._auth.authenticate(grpc_context.invocation_metadata(), model)
 
     async def _encode(self, model: str, prompt: Prompt) -> list[int]:
+        asked = time.monotonic()
         encoded = await self._tokenize.encode(model, prompt)
+        self.metrics.tokenized(model, time.monotonic() - asked)
         if encoded.error is not None:
             raise encoded.error
         return list(encoded.token_ids)

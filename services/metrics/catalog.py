@@ -85,6 +85,14 @@ REQUEST_QUEUE_TIME = MetricSpec(
     _MODEL,
     _LONG,
 )
+TOKENIZE_TIME = MetricSpec(
+    "tokenline_tokenize_time_seconds",
+    Kind.HISTOGRAM,
+    "From the ingress asking the tokenizer deployment for a prompt's ids (Generate, GenerateStream, "
+    "Tokenize) to having them, its wait for a free call included: the Ray call's share of TTFT.",
+    _MODEL,
+    _SHORT,
+)
 NUM_REQUESTS_RUNNING = MetricSpec(
     "tokenline_num_requests_running", Kind.GAUGE, "Requests in an engine replica's running batch.", _MODEL
 )
@@ -138,6 +146,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     INTER_TOKEN_LATENCY,
     E2E_REQUEST_LATENCY,
     REQUEST_QUEUE_TIME,
+    TOKENIZE_TIME,
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
     KV_CACHE_USAGE,

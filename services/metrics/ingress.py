@@ -20,6 +20,7 @@ class IngressMetrics:
         self.time_to_first_token = histogram(catalog.TIME_TO_FIRST_TOKEN)
         self.inter_token_latency = histogram(catalog.INTER_TOKEN_LATENCY)
         self.e2e_request_latency = histogram(catalog.E2E_REQUEST_LATENCY)
+        self.tokenize_time = histogram(catalog.TOKENIZE_TIME)
         self.prompt_tokens = counter(catalog.PROMPT_TOKENS)
         self.request_success = counter(catalog.REQUEST_SUCCESS)
         self._rpc_errors = counter(catalog.RPC_ERRORS)
@@ -27,6 +28,10 @@ class IngressMetrics:
     def accepted(self, model: str, tenant: str, prompt_tokens: int) -> None:
         """A new request is durably queued (a duplicate of an accepted id is not counted again)."""
         self.prompt_tokens.inc(prompt_tokens, {"model": model, "tenant": tenant})
+
+    def tokenized(self, model: str, seconds: float) -> None:
+        """The tokenizer deployment answered for one prompt after ``seconds``."""
+        self.tokenize_time.observe(seconds, {"model": model})
 
     def rpc_error(self, rpc: str, code_name: str) -> None:
         self._rpc_errors.inc(1, {"rpc": rpc, "code": code_name})
