@@ -252,7 +252,7 @@ class EngineReplica:
             waiting=capacity.waiting,
             used_blocks=capacity.total_blocks - capacity.free_blocks,
             total_blocks=capacity.total_blocks,
-            queue_depth=self.queue.depth(self.model_name),
+            queue_depth=self.queue.unfinished(self.model_name),
             preemptions=self.engine.stats.preemptions,
         )
         self._metrics.record(sample)

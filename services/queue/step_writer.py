@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from services.errors import QueueUnavailableError
 from services.messages import TokenChunk
-from services.queue.engine_queue import EngineQueue, StepReply
+from services.queue.engine_output import StepReply
+from services.queue.engine_queue import EngineQueue
 
 
 @dataclass(frozen=True)
