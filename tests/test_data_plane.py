@@ -255,3 +255,50 @@ def test_a_busy_reader_sends_fewer_fuller_messages_and_a_lone_stream_each_token(
     (alone,) = _messages_per_stream(redis_url, 1, config, "alone")
     assert "".join(alone) == whole
     assert len(alone) >= 15, f"a lone stream is read at once: {len(alone)} messages for 20 pieces"
+
+
+def _last_wake(raw: redis.Redis, wake_key: str) -> bytes | None:
+    """Id of the newest wake-up written to a reader's wake stream (it keeps only that one)."""
+    newest = raw.xrevrange(wake_key, count=1)
+    return newest[0][0] if newest else None
+
+
+def test_a_joining_call_wakes_a_blocked_reader_and_joins_a_pausing_one_without_a_wake(redis_url: str) -> None:
+    """A new call's stream must be in the reader's next read. A reader blocked in its read is
+    woken (one wake-up written); a reader in its busy pause takes the stream with its next read
+    and is not woken. Every call gets all of its text."""
+    config = QueueConfig(busy_read_interval_ms=1500.0, busy_read_streams=2)
+    keys = QueueKeys()
+    wake_key = keys.wake("joining-ingress")
+
+    async def main() -> tuple[list[bytes | None], list[str]]:
+        async with QueueClient(redis_url, config) as client:
+            fanout = TextFanout(client, wake_key, 5.0, config.busy_pause_s)
+
+            async def follow(request_id: str) -> str:
+                return "".join([delta.text async for delta in fanout.follow(request_id)])
+
+            with redis.Redis.from_url(redis_url) as raw:
+                wakes = []
+                followers = [asyncio.create_task(follow("j0"))]  # the reader starts with it: no wake
+                await asyncio.sleep(0.3)  # the reader now blocks on j0 alone (not busy)
+                wakes.append(_last_wake(raw, wake_key))
+                followers.append(asyncio.create_task(follow("j1")))
+                await asyncio.sleep(0.3)  # woken, it read nothing and pauses 1.5 s (two streams)
+                wakes.append(_last_wake(raw, wake_key))
+                followers.append(asyncio.create_task(follow("j2")))
+                await asyncio.sleep(0.3)
+                wakes.append(_last_wake(raw, wake_key))
+                for i in range(3):
+                    fields = {"s": b"0", "t": b"\0\0\0\0", "x": f"<j{i}>".encode(), "f": b"length"}
+                    raw.xadd(keys.text(f"j{i}"), fields)
+                texts = await asyncio.wait_for(asyncio.gather(*followers), timeout=30)
+            await fanout.aclose()
+            return wakes, list(texts)
+
+    wakes, texts = asyncio.run(main())
+    assert texts == ["<j0>", "<j1>", "<j2>"]
+    no_wake, woken, after_pausing_join = wakes
+    assert no_wake is None, "the reader started with the first call's stream"
+    assert woken is not None, "a call joining a blocked reader wakes it"
+    assert after_pausing_join == woken, "a call joining during the busy pause writes no wake-up"

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 import pytest
@@ -24,6 +25,7 @@ from services.queue import (
     QueueConfig,
     RedisServer,
 )
+from services.queue.client_queue import TRUSTED_DEPTH_S
 from services.queue.codec import decode_chunk, decode_request, encode_chunk, encode_request
 from services.queue.keys import QueueKeys
 from services.queue.output_stream import advance
@@ -521,3 +523,51 @@ def test_entry_queued_before_priority_bands_existed_is_claimed_and_released(redi
         (claimed,) = engine.claim(MODEL, "e", 4, 0)
         assert (claimed.request.request_id, claimed.entry_id) == ("old", entry_id)
         assert engine.finish(MODEL, claimed.entry_id, "old") is True
+
+
+def _hlen_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hlen", {}).get("calls", 0))
+
+
+def test_early_admission_check_trusts_a_fresh_reading_under_half_the_bound(redis_url: str) -> None:
+    """ensure_room asks Redis unless this client saw the queue under half its bound within
+    TRUSTED_DEPTH_S (its own enqueues report the depth); enqueue still refuses at the bound
+    when other clients filled the queue meanwhile."""
+    config = QueueConfig(max_queue_depth=4)
+
+    async def body(client: QueueClient) -> list[int]:
+        with redis.Redis.from_url(redis_url) as raw:
+            asked = []
+
+            async def ask() -> None:
+                before = _hlen_calls(raw)
+                await client.ensure_room(MODEL)
+                asked.append(_hlen_calls(raw) - before)
+
+            await ask()  # nothing seen yet
+            await ask()  # depth 0, just read
+            await client.enqueue(request("a"))  # reports depth 1
+            await ask()
+            await asyncio.sleep(TRUSTED_DEPTH_S)
+            await ask()  # the reading is stale
+            await client.enqueue(request("b"))  # depth 2: half the bound
+            await ask()
+            await client.enqueue(request("c"))  # depth 3, another client takes the last slot:
+            async with QueueClient(redis_url, config) as other:
+                await other.enqueue(request("d"))
+            with pytest.raises(QueueFullError):
+                await client.ensure_room(MODEL)  # at half the bound or more it always asks
+            return asked
+
+    assert with_client(redis_url, config, body) == [1, 0, 0, 1, 1]
+
+    async def trusting(client: QueueClient) -> None:
+        await client.ensure_room("other-model")  # depth 0 seen ...
+        async with QueueClient(redis_url, config) as other:
+            for name in ("e", "f", "g", "h"):
+                await other.enqueue(replace(request(name), model="other-model"))
+        await client.ensure_room("other-model")  # ... and trusted: no refusal here,
+        with pytest.raises(QueueFullError):
+            await client.enqueue(replace(request("i"), model="other-model"))  # the gate refuses
+
+    with_client(redis_url, config, trusting)

@@ -40,7 +40,7 @@ end
 # KEYS: band stream, active, idempotency, stream metadata, ready, doorbell, detokenizer assignments
 # ARGV: request_id, max_depth, idempotency_ttl_ms, group, stream_metadata, priority,
 #       detokenizer group, field, value, ...
-# Returns {'accepted', ticket} | {'duplicate', ticket} | {'full', depth}.
+# Returns {'accepted', ticket, depth after it} | {'duplicate', ticket} | {'full', depth}.
 # The stream metadata (model, stop strings, prompt length) tells the detokenizer how to
 # render the request, and lets a client that lost its stream resume it by request id alone;
 # it lives as long as the idempotency marker.
@@ -72,7 +72,7 @@ redis.call('SET', KEYS[3], ticket, 'PX', ARGV[3])
 redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[6])
 redis.call('XADD', KEYS[6], 'MAXLEN', '1', '*', 'p', ARGV[6])
-return {'accepted', ticket}
+return {'accepted', ticket, depth + 1}
 """
 )
 
