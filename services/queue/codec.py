@@ -14,7 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from services.errors import InvalidParameterError
-from services.messages import FinishReason, GenerationRequest, StreamRequest, TextDelta, TokenChunk, Usage
+from services.messages import (
+    FinishReason,
+    GenerationRequest,
+    StreamRequest,
+    TextDelta,
+    TokenChunk,
+    TopLogprobs,
+    Usage,
+)
 from services.queue.logprob_fields import decode_top_logprobs, encode_top_logprobs
 
 CODEC_VERSION = b"1"
@@ -109,23 +117,41 @@ def encode_chunk(chunk: TokenChunk) -> Fields:
 
 def decode_chunk(request_id: str, fields: RawFields) -> TokenChunk:
     try:
-        finish = fields.get(FINISH_REASON.encode())
-        usage = fields.get(USAGE.encode())
-        logprobs = fields.get(LOGPROBS.encode(), b"")
-        return TokenChunk(
-            request_id=request_id,
-            start_index=int(_required(fields, START_INDEX)),
-            token_ids=unpack_token_ids(TOKEN_IDS, fields.get(TOKEN_IDS.encode(), b"")),
-            finish_reason=FinishReason(finish.decode()) if finish else None,
-            usage=Usage(*(int(part) for part in usage.split(b","))) if usage else None,
-            error=fields.get(ERROR.encode(), b"").decode(errors="replace"),
-            logprobs=struct.unpack(f"<{len(logprobs) // 4}f", logprobs),
-            top_logprobs=decode_top_logprobs(fields),
-        )
+        return TokenChunk(request_id, *_chunk_parts(fields))
     except InvalidParameterError:
         raise
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise InvalidParameterError("output entry", sorted(fields), f"cannot decode: {exc}") from exc
+
+
+# Every streamed token is decoded at least twice (detokenizer, ingress), so the readers look up
+# fields by their byte names, made once, and skip the optional ones an entry does not carry.
+_START_KEY, _TOKENS_KEY, _FINISH_KEY = START_INDEX.encode(), TOKEN_IDS.encode(), FINISH_REASON.encode()
+_USAGE_KEY, _ERROR_KEY, _LOGPROBS_KEY = USAGE.encode(), ERROR.encode(), LOGPROBS.encode()
+_TEXT_KEY, _MATCHED_KEY, _PIECES_KEY = TEXT.encode(), MATCHED_STOP.encode(), PIECES.encode()
+_FINISH_REASONS = {reason.value.encode(): reason for reason in FinishReason}
+
+_ChunkParts = tuple[
+    int, tuple[int, ...], FinishReason | None, Usage | None, str, tuple[float, ...], TopLogprobs
+]
+
+
+def _chunk_parts(fields: RawFields) -> _ChunkParts:
+    """A chunk entry's fields in ``TokenChunk``'s order after the request id."""
+    get = fields.get
+    start, packed, finish = get(_START_KEY), get(_TOKENS_KEY), get(_FINISH_KEY)
+    usage, error, logprobs = get(_USAGE_KEY), get(_ERROR_KEY), get(_LOGPROBS_KEY)
+    if start is None:
+        raise KeyError(f"missing field {START_INDEX!r}")
+    return (
+        int(start),
+        unpack_token_ids(TOKEN_IDS, packed) if packed else (),
+        (_FINISH_REASONS.get(finish) or FinishReason(finish.decode())) if finish else None,
+        Usage(*(int(part) for part in usage.split(b","))) if usage else None,
+        error.decode(errors="replace") if error else "",
+        struct.unpack(f"<{len(logprobs) // 4}f", logprobs) if logprobs else (),
+        decode_top_logprobs(fields),
+    )
 
 
 def encode_text_delta(delta: TextDelta) -> Fields:
@@ -151,26 +177,27 @@ def encode_text_delta(delta: TextDelta) -> Fields:
 
 
 def decode_text_delta(request_id: str, fields: RawFields) -> TextDelta:
-    chunk = decode_chunk(request_id, fields)
     try:
-        text = fields.get(TEXT.encode(), b"").decode()
-        matched = fields.get(MATCHED_STOP.encode(), b"").decode()
-        flat = unpack_token_ids(PIECES, fields.get(PIECES.encode(), b""))
-    except UnicodeDecodeError as exc:
+        start, token_ids, finish, usage, error, logprobs, top_logprobs = _chunk_parts(fields)
+        text, matched, pieces = fields.get(_TEXT_KEY), fields.get(_MATCHED_KEY), fields.get(_PIECES_KEY)
+        flat = unpack_token_ids(PIECES, pieces) if pieces else ()
+        return TextDelta(
+            request_id=request_id,
+            text=text.decode() if text else "",
+            token_ids=token_ids,
+            token_index=start,
+            finish_reason=finish,
+            matched_stop=matched.decode() if matched else "",
+            usage=usage,
+            error=error,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            pieces=tuple(zip(flat[::2], flat[1::2], strict=True)),
+        )
+    except InvalidParameterError:
+        raise
+    except (ValueError, KeyError, TypeError, struct.error) as exc:  # UnicodeDecodeError included
         raise InvalidParameterError("text entry", sorted(fields), f"cannot decode: {exc}") from exc
-    return TextDelta(
-        request_id=request_id,
-        text=text,
-        token_ids=chunk.token_ids,
-        token_index=chunk.start_index,
-        finish_reason=chunk.finish_reason,
-        matched_stop=matched,
-        usage=chunk.usage,
-        error=chunk.error,
-        logprobs=chunk.logprobs,
-        top_logprobs=chunk.top_logprobs,
-        pieces=tuple(zip(flat[::2], flat[1::2], strict=True)),
-    )
 
 
 def streams_by_key(reply: Any) -> dict[str, list[tuple[str, RawFields]]]:

@@ -26,6 +26,7 @@ TOP_COUNTS = "n"
 TOP_IDS = "a"
 TOP_LOGPROBS = "b"
 TOP_TEXTS = "c"
+_TOP_COUNTS_KEY = TOP_COUNTS.encode()  # looked up in every entry read
 
 
 def encode_top_logprobs(top_logprobs: TopLogprobs, *, with_text: bool) -> dict[str, bytes]:
@@ -50,7 +51,7 @@ def encode_top_logprobs(top_logprobs: TopLogprobs, *, with_text: bool) -> dict[s
 
 def decode_top_logprobs(fields: Mapping[bytes, bytes]) -> TopLogprobs:
     """What ``encode_top_logprobs`` wrote (texts empty where the entry has none)."""
-    packed_counts = fields.get(TOP_COUNTS.encode())
+    packed_counts = fields.get(_TOP_COUNTS_KEY)
     if packed_counts is None:
         return ()
     try:
