@@ -267,7 +267,7 @@ def test_a_joining_call_wakes_a_blocked_reader_and_joins_a_pausing_one_without_a
     """A new call's stream must be in the reader's next read. A reader blocked in its read is
     woken (one wake-up written); a reader in its busy pause takes the stream with its next read
     and is not woken. Every call gets all of its text."""
-    config = QueueConfig(busy_read_interval_ms=1500.0, busy_read_streams=2)
+    config = QueueConfig(busy_read_interval_ms=3000.0, busy_read_streams=2)
     keys = QueueKeys()
     wake_key = keys.wake("joining-ingress")
 
@@ -281,13 +281,13 @@ def test_a_joining_call_wakes_a_blocked_reader_and_joins_a_pausing_one_without_a
             with redis.Redis.from_url(redis_url) as raw:
                 wakes = []
                 followers = [asyncio.create_task(follow("j0"))]  # the reader starts with it: no wake
-                await asyncio.sleep(0.3)  # the reader now blocks on j0 alone (not busy)
+                await asyncio.sleep(0.5)  # the reader now blocks on j0 alone (not busy)
                 wakes.append(_last_wake(raw, wake_key))
                 followers.append(asyncio.create_task(follow("j1")))
-                await asyncio.sleep(0.3)  # woken, it read nothing and pauses 1.5 s (two streams)
+                await asyncio.sleep(0.5)  # woken, it read nothing and pauses 3 s (two streams)
                 wakes.append(_last_wake(raw, wake_key))
                 followers.append(asyncio.create_task(follow("j2")))
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.5)
                 wakes.append(_last_wake(raw, wake_key))
                 for i in range(3):
                     fields = {"s": b"0", "t": b"\0\0\0\0", "x": f"<j{i}>".encode(), "f": b"length"}

@@ -24,8 +24,8 @@ from services.queue import (
     QueueClient,
     QueueConfig,
     RedisServer,
+    client_queue,
 )
-from services.queue.client_queue import TRUSTED_DEPTH_S
 from services.queue.codec import decode_chunk, decode_request, encode_chunk, encode_request
 from services.queue.keys import QueueKeys
 from services.queue.output_stream import advance
@@ -529,10 +529,14 @@ def _hlen_calls(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_hlen", {}).get("calls", 0))
 
 
-def test_early_admission_check_trusts_a_fresh_reading_under_half_the_bound(redis_url: str) -> None:
+def test_early_admission_check_trusts_a_fresh_reading_under_half_the_bound(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ensure_room asks Redis unless this client saw the queue under half its bound within
     TRUSTED_DEPTH_S (its own enqueues report the depth); enqueue still refuses at the bound
     when other clients filled the queue meanwhile."""
+    trusted_s = 1.0  # longer than the default, so that a slow machine cannot age a reading by accident
+    monkeypatch.setattr(client_queue, "TRUSTED_DEPTH_S", trusted_s)
     config = QueueConfig(max_queue_depth=4)
 
     async def body(client: QueueClient) -> list[int]:
@@ -548,7 +552,7 @@ def test_early_admission_check_trusts_a_fresh_reading_under_half_the_bound(redis
             await ask()  # depth 0, just read
             await client.enqueue(request("a"))  # reports depth 1
             await ask()
-            await asyncio.sleep(TRUSTED_DEPTH_S)
+            await asyncio.sleep(trusted_s)
             await ask()  # the reading is stale
             await client.enqueue(request("b"))  # depth 2: half the bound
             await ask()
