@@ -150,6 +150,7 @@ def assemble(
         "stages": stages_from(samples),
         "stack_engine_loop": {},
         "cpu_during_stack_c16": {},
+        "redis_commands_c16": {},
         **extra,
         "greedy_agreement": agreement,
     }
@@ -218,6 +219,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines.append(
         f"stack CPU (all but engines and the client): {results['stack_cpu_us_per_token']:.0f} us/token"
     )
+    commands = results["redis_commands_c16"]
+    if commands:
+        most = ", ".join(f"{name} {count:.2f}" for name, count in list(commands["by_command"].items())[:8])
+        lines.append(
+            f"Redis commands per request during the c={HIGH} run (inside scripts included): "
+            f"{commands['total']:.1f} ({most}, ...)"
+        )
     lines += ["", f"greedy agreement, stack vs in-process: {results['greedy_agreement']:.2f}", "targets:"]
     for name, target in results["targets"].items():
         sign = ">=" if target["kind"] == "min" else "<="

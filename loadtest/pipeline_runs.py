@@ -23,6 +23,7 @@ from loadtest.pipeline_plan import CONCURRENCIES, HIGH, Workload
 from loadtest.pipeline_probes import probe_queue, probe_rpcs
 from loadtest.pipeline_stack import engine_steps, issue_api_key, stack_config, wait_ready
 from loadtest.proc_cpu import cpu_by_process, cpu_delta
+from loadtest.redis_commands import command_calls, commands_per_request
 from loadtest.stats import RequestTrace, summarize
 
 if TYPE_CHECKING:
@@ -199,6 +200,7 @@ def run_stack_side(
     extra: dict[str, Any] = {
         "stack_engine_loop": {},
         "cpu_during_stack_c16": {},
+        "redis_commands_c16": {},
         "grpc_ingress": config.grpc_ingress,
     }
     log(f"starting the stack: private Redis, local Ray, Serve gRPC ({config.grpc_ingress}), 1 engine replica")
@@ -209,9 +211,11 @@ def run_stack_side(
         run_stack_load(target, api_key, workload.texts[0], workload.output_tokens, HIGH, "warmup")
         for c in CONCURRENCIES:
             log(f"stack: {len(workload.texts[c])} requests at concurrency {c}")
+            commands_before = command_calls(running.config.redis_url)
             steps_before, cpu_before = engine_steps(config.app_name), cpu_by_process(os.getpid())
             traces = run_stack_load(target, api_key, workload.texts[c], workload.output_tokens, c, f"c{c}")
             steps_after, cpu_after = engine_steps(config.app_name), cpu_by_process(os.getpid())
+            commands_after = command_calls(running.config.redis_url)
             side.record("stack", c, traces, workload.output_tokens, log)
             if c != HIGH:
                 continue
@@ -219,6 +223,7 @@ def run_stack_side(
             extra["cpu_during_stack_c16"] = cpu_delta(
                 cpu_before, cpu_after, int(summary["output_tokens"]), summary["wall_s"]
             )
+            extra["redis_commands_c16"] = commands_per_request(commands_before, commands_after, len(traces))
             if steps_before is not None and steps_after is not None and steps_after > steps_before:
                 steps = steps_after - steps_before
                 extra["stack_engine_loop"] = {

@@ -15,6 +15,7 @@ import pytest
 from loadtest.pipeline_plan import CONCURRENCIES, Workload, demo_prompts, output_budget, plan_for
 from loadtest.pipeline_report import HEADLINE_KEYS, STAGES, assemble, format_table
 from loadtest.proc_cpu import cpu_delta, process_label
+from loadtest.redis_commands import commands_per_request
 from loadtest.report import write_json
 from loadtest.stats import RequestTrace, percentile, summarize, token_agreement
 
@@ -144,7 +145,10 @@ def synthetic_results() -> dict[str, object]:
         in_process=in_process,
         stack=stack,
         samples=samples,
-        extra={"stack_engine_loop": {"steps": 10, "ms_per_step": 3.0, "how": "h"}},
+        extra={
+            "stack_engine_loop": {"steps": 10, "ms_per_step": 3.0, "how": "h"},
+            "redis_commands_c16": commands_per_request({"xadd": 10}, {"xadd": 106, "evalsha": 6}, 2),
+        },
         agreement=1.0,
     )
 
@@ -174,4 +178,6 @@ def test_result_document_keys_targets_and_json(tmp_path: Path) -> None:
 
     table = format_table(on_disk)
     assert "ratio_throughput_c16" in table and "MISSED" in table
+    commands_line = "Redis commands per request during the c=16 run (inside scripts included): 51.0"
+    assert f"{commands_line} (xadd 48.00, evalsha 3.00" in table
     assert all(name in table for name in STAGES)

@@ -72,7 +72,6 @@ class TextFanout:
         self._reader: asyncio.Task[None] | None = None
         self._waker: asyncio.Task[None] | None = None
         self._wake_wanted = False
-        self._reading = False  # inside the blocking read: only then does a new stream need a wake-up
         self._closed = False
 
     @property
@@ -120,11 +119,7 @@ class TextFanout:
 
     def _wake_reader(self) -> None:
         """Make the blocked read start over with the new call's stream. A burst of new calls
-        costs at most two wake-ups in a row: one in flight, one sent after it for the rest.
-        A reader that is not inside its read (busy, pausing, waiting out an outage) takes the
-        stream with its next read: no wake-up, no extra read."""
-        if not self._reading:
-            return
+        costs at most two wake-ups in a row: one in flight, one sent after it for the rest."""
         self._wake_wanted = True
         if self._waker is None or self._waker.done():
             self._waker = asyncio.get_running_loop().create_task(self._send_wakes())
@@ -154,7 +149,9 @@ class TextFanout:
         outage = Backoff()
         while not self._closed:
             try:
-                texts = await self._read()
+                texts, self._wake_after = await self._queue.read_texts(
+                    dict(self._cursors), self._wake_key, self._wake_after, READ_BLOCK_MS
+                )
             except QueueUnavailableError as error:
                 if outage.elapsed_s > self._outage_limit_s:
                     self._fail_all(error)
@@ -175,18 +172,6 @@ class TextFanout:
             pause_s = self._busy_pause_s(len(self._subscribers))
             if pause_s:
                 await asyncio.sleep(pause_s)  # let text gather: one message carries several tokens
-
-    async def _read(self) -> dict[str, list[tuple[str, TextDelta]]]:
-        """One blocking read of every followed stream. A call that joins after the read took
-        its copy of the cursors finds ``_reading`` set and wakes it up."""
-        self._reading = True
-        try:
-            texts, self._wake_after = await self._queue.read_texts(
-                dict(self._cursors), self._wake_key, self._wake_after, READ_BLOCK_MS
-            )
-        finally:
-            self._reading = False
-        return texts
 
     def _fail_all(self, error: QueueUnavailableError) -> None:
         for subscriptions in self._subscribers.values():
