@@ -79,13 +79,10 @@ class EngineOutput(EngineRedis):
         # the script exists, one more round trip on every write that finishes a request.
         finish_sha = self._scripts[LuaScript.FINISH].sha
         for request_id, ticket in acknowledged.items():
-            located = split_ticket(ticket)
-            if located is None:  # names no entry: nothing holds it, nothing to release
-                continue
-            priority, stream_id = located
-            finish_keys = [keys.band(priority), keys.active, keys.cancelled]
-            finish_args = [ENGINE_GROUP, stream_id, request_id, ticket]
-            pipe.evalsha(finish_sha, len(finish_keys), *finish_keys, *finish_args)
+            call = _finish_call(keys, request_id, ticket)
+            if call is not None:
+                finish_keys, finish_args = call
+                pipe.evalsha(finish_sha, len(finish_keys), *finish_keys, *finish_args)
 
     def _queue_chunks(self, pipe: Any, chunks: Iterable[TokenChunk]) -> None:
         for chunk in chunks:
@@ -108,16 +105,11 @@ class EngineOutput(EngineRedis):
 
         Idempotent: returns True only for the call that freed the slot.
         """
-        keys = self._keys.for_model(model)
-        located = split_ticket(entry_id)
-        if located is None:
+        call = _finish_call(self._keys.for_model(model), request_id, entry_id)
+        if call is None:
             return False
-        priority, stream_id = located
-        released = self._scripts[LuaScript.FINISH](
-            keys=[keys.band(priority), keys.active, keys.cancelled],
-            args=[ENGINE_GROUP, stream_id, request_id, entry_id],
-        )
-        return bool(released)
+        finish_keys, finish_args = call
+        return bool(self._scripts[LuaScript.FINISH](keys=finish_keys, args=finish_args))
 
     @guard
     def read_output_tokens(self, request_id: str) -> tuple[list[int], bool]:
@@ -129,3 +121,13 @@ class EngineOutput(EngineRedis):
 
 def _members(candidates: Sequence[str], flags: Sequence[int]) -> set[str]:
     return {candidate for candidate, flag in zip(candidates, flags, strict=True) if flag}
+
+
+def _finish_call(keys: ModelKeys, request_id: str, ticket: str) -> tuple[list[str], list[str]] | None:
+    """KEYS and ARGV of the FINISH script for one request, or None when the ticket names no
+    entry (nothing holds it, nothing to release)."""
+    located = split_ticket(ticket)
+    if located is None:
+        return None
+    priority, stream_id = located
+    return [keys.band(priority), keys.active, keys.cancelled], [ENGINE_GROUP, stream_id, request_id, ticket]
