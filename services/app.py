@@ -79,6 +79,8 @@ def build_app(config: AppConfig | dict[str, Any]) -> Application:
     ).bind(
         paths,
         app_config.default_model_name,
+        app_config.redis_url,
+        app_config.queue,
         {m.name: m.engine.max_model_len for m in app_config.models},
         served_variants,
     )

@@ -299,10 +299,11 @@ class AppConfig(BaseModel):
     tokenizer_calls_in_flight: int = Field(
         default=2,
         ge=1,
-        description="Most calls one ingress replica has out to the tokenizer deployment at once. A "
+        description="Most calls one ingress replica has out to the tokenizer replicas at once. A "
         "prompt that arrives while that many are out waits and goes with every other waiting prompt "
-        "in the next call: a call's fixed cost in CPU (milliseconds, against a fraction of one to "
-        "encode a prompt) is then shared under load, while a lone prompt still leaves at once.",
+        "in the next call: a call's fixed cost (Redis round trips on both sides, against a fraction "
+        "of a millisecond to encode a prompt) is then shared under load, while a lone prompt still "
+        "leaves at once.",
     )
     queue: QueueConfig = Field(default_factory=QueueConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -163,6 +163,23 @@ def test_detokenizer_replica_killed_mid_stream_loses_nothing(stack: Stack) -> No
     wait_until(lambda: len(stack.detokenizer_owners(2)) == 2, 120, "Serve to restore two detokenizers")
 
 
+def test_tokenizer_replica_killed_loses_no_request(stack: Stack) -> None:
+    """SIGKILL of the tokenizer replica while 8 clients send short requests back to back: the
+    calls it took and never answered, and those sent while no replica runs, wait in Redis and
+    are answered by its replacement; no client sees an error, every stream is fault-free."""
+    streams = SteadyStreams(stack.target, stack.api_key, PROMPTS, max_tokens=8, clients=8)
+    try:
+        wait_until(lambda: len(streams.finished) >= 16, 60, "streams to run")
+        (tokenizer_pid,) = alive_pids("tokenizer")
+        os.kill(tokenizer_pid, signal.SIGKILL)
+        finished_at_kill = len(streams.finished)
+        wait_until(lambda: alive_pids("tokenizer") not in ([], [tokenizer_pid]), 120, "a new tokenizer")
+        wait_until(lambda: len(streams.finished) >= finished_at_kill + 32, 120, "streams after the kill")
+    finally:
+        streams.stop()  # a stream that failed raises here
+    assert streams.mismatched() == []
+
+
 def kill_the_busier_of_two(requests_by_pid: Callable[[], dict[int, tuple[str, ...]]], never: str) -> None:
     """SIGKILL, as soon as both of two replicas hold requests, the one holding more."""
     deadline = time.monotonic() + 30

@@ -1,8 +1,9 @@
 """The ingress deployment: its own gRPC server (or one of Ray Serve's) calls the method named
 like the RPC.
 
-It authenticates, validates, tokenizes (tokenizer deployment), fixes request id
-and seed, applies the tenant's rate limits and enqueues durably in Redis. The text
+It authenticates, validates, tokenizes (a call to the tokenizer replicas through Redis,
+``services/queue/tokenize_calls.py``), fixes request id and seed, applies the tenant's rate
+limits and enqueues durably in Redis. The text
 comes back through Redis too: the detokenizer stage writes it to the request's text
 stream, and this replica's one reader (``TextFanout``) feeds every open call. No Ray
 call carries tokens or text. Everything after "accepted" survives the loss of this
@@ -45,9 +46,11 @@ from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.queue import QueueClient
 from services.queue.keys import QueueKeys
 from services.queue.served_variants import LiveVariants
+from services.queue.tokenize_calls import TokenizeCaller
 from services.serve_logs import route_to_serve_logs
+from services.tokenizer import wire
 from services.tokenizer.prompt import Prompt
-from services.tokenizer.replies import MAX_PROMPTS_PER_CALL
+from services.tokenizer.replies import MAX_PROMPTS_PER_CALL, Encoded
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +98,12 @@ class IngressService:
         prefix = config.queue.key_prefix
         variants = LiveVariants(redis_url, prefix, live.cache_ttl_s) if live.enabled else None
         self._served = ServedModels(config, variants, tokenizer)
+        replica = f"ingress-{uuid.uuid4().hex}"
+        self._tokenizer_calls = TokenizeCaller(redis_url, config.queue, replica)
         self._tokenize = TokenizeBatcher(
-            tokenizer.encode_many.remote, config.tokenizer_calls_in_flight, MAX_PROMPTS_PER_CALL
+            self._call_tokenizer, config.tokenizer_calls_in_flight, MAX_PROMPTS_PER_CALL
         )
-        wake_key = QueueKeys(config.queue.key_prefix).wake(f"ingress-{uuid.uuid4().hex}")
+        wake_key = QueueKeys(config.queue.key_prefix).wake(replica)
         queue = config.queue
         self._texts = TextFanout(self._queue, wake_key, queue.reader_outage_s, queue.busy_pause_s)
         self._seeds = random.SystemRandom()
@@ -124,6 +129,7 @@ class IngressService:
         if self._server is not None:
             await self._server.stop(hand_over=await application_stays())
         await self._texts.aclose()
+        await self._tokenizer_calls.aclose()
 
     # ---- RPCs -----------------------------------------------------------------------------
     @counted_unary
@@ -313,6 +319,10 @@ class IngressService:
         if not self._config.auth.enabled:
             return ANONYMOUS
         return await self._auth.authenticate(grpc_context.invocation_metadata(), model)
+
+    async def _call_tokenizer(self, prompts: list[tuple[str, Prompt]]) -> list[Encoded]:
+        """One call to the tokenizer replicas, through Redis (``services/queue/tokenize_calls.py``)."""
+        return wire.decode_reply(await self._tokenizer_calls.call(wire.encode_call(prompts)))
 
     async def _encode(self, model: str, prompt: Prompt) -> list[int]:
         asked = time.monotonic()

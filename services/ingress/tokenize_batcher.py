@@ -1,8 +1,8 @@
-"""The ingress's calls to the tokenizer deployment, merged while calls are out.
+"""The ingress's calls to the tokenizer replicas, merged while calls are out.
 
-A Ray Serve call costs milliseconds of CPU on each side whatever it carries (on the
-2-core test machine ~5 ms in the tokenizer replica against ~0.2 ms to encode a prompt),
-and under load it queues for the CPU like everything else. So a prompt goes out at once
+A call has a fixed cost whatever it carries (a round trip through Redis on each side, and
+the tokenizer replica's wake-up), and under load it queues for the CPU like everything
+else, against ~0.2 ms to encode a prompt. So a prompt goes out at once
 while fewer than ``max_calls_in_flight`` calls are out, alone or with every prompt already
 waiting; otherwise it waits for a call to come back and goes with the next one. An idle
 replica pays no wait: its one prompt leaves at once.

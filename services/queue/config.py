@@ -76,6 +76,20 @@ class QueueConfig(BaseModel):
         ge=1,
         description="How many followed streams make a reader busy (see busy_read_interval_ms).",
     )
+    tokenize_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="How long an ingress replica waits for a tokenizer replica to answer a call "
+        "before it refuses the request with UNAVAILABLE (no tokenizer replica running, or all stuck). "
+        "Nothing was accepted: the client may retry.",
+    )
+    tokenize_reclaim_s: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="A tokenizer call that a replica took and left unanswered this long is taken "
+        "over by another replica (its taker died). A replica answers what it takes at once, so "
+        "only a dead or stuck one leaves a call waiting this long.",
+    )
 
     dead_letter_max_entries: int = Field(
         default=10_000,

@@ -36,8 +36,9 @@ from services.messages import MAX_PRIORITY, MIN_PRIORITY
 
 ENGINE_GROUP = "engines"
 DETOKENIZER_GROUP = "detokenizers"
+TOKENIZER_GROUP = "tokenizers"
 _SHARED_NAMESPACES = frozenset(
-    {"out", "idem", "meta", "auth", "ratelimit", "text", "detok", "wake", "registry"}
+    {"out", "idem", "meta", "auth", "ratelimit", "text", "detok", "wake", "registry", "tokenize"}
 )
 MAX_NAME_CHARS = 512
 PRIORITIES = tuple(range(MIN_PRIORITY, MAX_PRIORITY + 1))  # band order: served first to last
@@ -105,6 +106,14 @@ class QueueKeys:
     @property
     def detokenizer_assignments(self) -> str:
         return f"{self.prefix}:detok:assign"
+
+    @property
+    def tokenize_calls(self) -> str:
+        return f"{self.prefix}:tokenize:calls"
+
+    def tokenize_replies(self, replica: str) -> str:
+        check_request_id(replica)
+        return f"{self.prefix}:tokenize:replies:{replica}"
 
     def wake(self, replica: str) -> str:
         check_request_id(replica)

@@ -1,25 +1,37 @@
 """The tokenizer deployment: prompts of every served model to token ids, batched.
 
-Errors come back as values, not exceptions: a typed InvalidParameterError
-survives the trip through Ray intact, and one bad prompt in a batch does not
-fail the others. A variant published while the app runs is found in the served
-variants hash (``services/queue/served_variants.py``); its tokenizer is loaded from
-the variant's directory on first use.
+Its replicas answer the ingress's calls from a Redis stream (``TokenizeStage``, one consumer
+group: pulling balances the load, and a dead replica's calls are taken over); ``encode_many``
+stays callable through Serve for ingress replicas of an earlier version. Errors come back as
+values, not exceptions: a typed InvalidParameterError crosses intact (field, reason, the
+short form of its value), and one bad prompt in a batch does not fail the others. A variant
+published while the app runs is found in the served variants hash
+(``services/queue/served_variants.py``); its tokenizer is loaded from the variant's directory
+on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import uuid
 from collections.abc import Mapping
 
 from ray import serve
 
 from services.errors import InvalidParameterError, ModelNotFoundError
+from services.queue.config import QueueConfig
 from services.queue.served_variants import LiveVariants, ServedVariant, ServedVariantsSource
+from services.queue.tokenize_calls import TokenizeCalls
 from services.serve_logs import route_to_serve_logs
 from services.tokenizer.prompt import Prompt
 from services.tokenizer.replies import MAX_PROMPTS_PER_CALL, Encoded, ModelInfo
+from services.tokenizer.stage import TAKE_BLOCK_MS, TokenizeStage
 from services.tokenizer.tokenizer import PromptTokenizer
+
+# A stopping replica waits this long for its call loop's last turn (one blocking read).
+STOP_WAIT_S = TAKE_BLOCK_MS / 1000 + 1
 
 
 class TokenizerService:
@@ -27,10 +39,14 @@ class TokenizerService:
         self,
         model_paths: Mapping[str, str],
         default_model: str,
+        redis_url: str,
+        queue_config: QueueConfig,
         max_model_lens: Mapping[str, int | None] | None = None,
         served_variants: ServedVariantsSource | None = None,
     ) -> None:
-        """``max_model_lens``: each model's configured engine context limit (None: the model's
+        """Answers the ingress's calls from the call stream in ``redis_url`` (and Serve calls to
+        ``encode_many`` from ingress replicas of an earlier version during a rolling update).
+        ``max_model_lens``: each model's configured engine context limit (None: the model's
         own), so that the ingress refuses a prompt the engine could not run. ``served_variants``:
         where to look up variants published while the app runs (None: only ``model_paths``)."""
         route_to_serve_logs()  # our records in this replica's Serve log
@@ -41,6 +57,26 @@ class TokenizerService:
         self._default_model = default_model
         self._live: LiveVariants | None = served_variants.async_view() if served_variants else None
         self._variant_tokenizers: dict[str, tuple[str, PromptTokenizer]] = {}  # name -> (checksum, tok)
+        self._calls = TokenizeCalls(redis_url, queue_config)
+        consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._stage = TokenizeStage(self._calls, consumer, self.encode_many, queue_config.tokenize_reclaim_s)
+        # Serve builds the replica on the event loop that serves it; the stage shares that loop.
+        self._stage_task = asyncio.get_running_loop().create_task(self._stage.run())
+
+    def check_health(self) -> None:
+        task = self._stage_task
+        if task.done():
+            error = None if task.cancelled() else task.exception()
+            raise RuntimeError(f"tokenizer call loop ended: {error!r}")
+
+    async def __del__(self) -> None:
+        """Ray Serve calls this on a graceful stop: calls taken and not answered are taken over
+        by another replica once they have waited ``tokenize_reclaim_s``."""
+        if hasattr(self, "_stage_task"):
+            self._stage.stop()
+            self._stage_task.cancel()
+            await asyncio.wait({self._stage_task}, timeout=STOP_WAIT_S)
+            await self._calls.aclose()
 
     async def models(self) -> list[ModelInfo]:
         tokenizers = dict(self._tokenizers)
