@@ -15,6 +15,7 @@ import grpc
 import psutil
 import pytest
 
+from services.config import AppConfig
 from services.proto.tokenline.v1 import generation_pb2 as pb
 from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
 from services.queue.connection import MAX_ASYNC_CONNECTIONS
@@ -25,8 +26,11 @@ OWN_STACK = True  # runs before the shared stack exists (see conftest)
 STREAMS = 512
 MAX_TOKENS = 8
 # The ingress's three Redis clients (queue, keys, rate limits) each pool at most
-# MAX_ASYNC_CONNECTIONS; one of the queue's is the shared blocking read. Far below one per stream.
-MAX_INGRESS_CONNECTIONS = 3 * MAX_ASYNC_CONNECTIONS
+# MAX_ASYNC_CONNECTIONS; one of the queue's is the shared blocking read. Its tokenizer calls use
+# one connection per call out (at most tokenizer_calls_in_flight) and one for the replies' read.
+# Far below one per stream.
+TOKENIZER_CALL_CONNECTIONS = AppConfig.model_fields["tokenizer_calls_in_flight"].default + 1
+MAX_INGRESS_CONNECTIONS = 3 * MAX_ASYNC_CONNECTIONS + TOKENIZER_CALL_CONNECTIONS
 MAX_INGRESS_GROWTH_BYTES = 128 * 2**20
 
 
