@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from services.queue.tokenize_calls import TokenizeCaller, TokenizeCalls
 from services.tokenizer import wire
 from services.tokenizer.prompt import ChatMessage, ChatPrompt, Prompt, TextPrompt, TokenIdsPrompt
 from services.tokenizer.replies import Encoded
-from services.tokenizer.stage import TokenizeStage
+from services.tokenizer.stage import EncodeMany, TokenizeStage
 from services.tokenizer.tokenizer import PromptTokenizer
+from services.tokenizer.wire import TokenizerCallFailedError
 
 MODEL = "demo"
 
@@ -33,9 +34,7 @@ def run(case: Coroutine[Any, Any, None]) -> None:
     asyncio.run(case)
 
 
-def real_encoder(
-    checkpoint: Path,
-) -> Callable[[list[tuple[str, Prompt]]], Coroutine[Any, Any, list[Encoded]]]:
+def real_encoder(checkpoint: Path) -> EncodeMany:
     tokenizer = PromptTokenizer(checkpoint)
 
     async def encode_many(prompts: list[tuple[str, Prompt]]) -> list[Encoded]:
@@ -50,10 +49,15 @@ def real_encoder(
 
 @contextlib.asynccontextmanager
 async def running_stage(
-    redis_url: str, config: QueueConfig, checkpoint: Path, consumer: str
+    redis_url: str,
+    config: QueueConfig,
+    checkpoint: Path,
+    consumer: str,
+    encode_many: EncodeMany | None = None,
 ) -> AsyncIterator[None]:
     async with TokenizeCalls(redis_url, config) as calls:
-        stage = TokenizeStage(calls, consumer, real_encoder(checkpoint), config.tokenize_reclaim_s)
+        encode = encode_many or real_encoder(checkpoint)
+        stage = TokenizeStage(calls, consumer, encode, config.tokenize_reclaim_s)
         task = asyncio.get_running_loop().create_task(stage.run())
         try:
             yield
@@ -172,3 +176,26 @@ def test_a_malformed_entry_is_dropped_and_the_stage_keeps_serving(
     run(case())
     with redis.Redis.from_url(redis_url) as raw:
         assert raw.xlen(calls_key) == 0
+
+
+def test_a_call_the_tokenizer_fails_is_answered_as_failed_once(redis_url: str, demo_model_dir: Path) -> None:
+    """A whole call that cannot be encoded (say a variant's tokenizer fails to load) comes back
+    as a typed failure and leaves the stream: no replica takes it again and again."""
+    config = QueueConfig(tokenize_reclaim_s=0.2)
+    attempts: list[int] = []
+
+    async def broken(prompts: list[tuple[str, Prompt]]) -> list[Encoded]:
+        attempts.append(len(prompts))
+        raise OSError("tokenizer.json unreadable")
+
+    async def case() -> None:
+        stage = running_stage(redis_url, config, demo_model_dir, "tok-a", broken)
+        async with stage, TokenizeCaller(redis_url, config, "ingress-a") as caller:
+            with pytest.raises(TokenizerCallFailedError, match=r"OSError: tokenizer\.json unreadable"):
+                wire.decode_reply(await caller.call(wire.encode_call([(MODEL, TextPrompt("2+2="))])))
+            await asyncio.sleep(3 * config.tokenize_reclaim_s)  # time for a takeover, were it pending
+
+    run(case())
+    assert attempts == [1]
+    with redis.Redis.from_url(redis_url) as raw:
+        assert raw.xlen(QueueKeys(config.key_prefix).tokenize_calls) == 0

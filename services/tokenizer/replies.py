@@ -1,4 +1,5 @@
-"""What the tokenizer deployment returns over Ray: typed structs the ingress reads.
+"""What the tokenizer deployment answers: typed structs the ingress reads (``wire`` carries them
+through Redis; an ingress of an earlier version gets them over Ray).
 
 Their own module, apart from the deployment, so that the ingress imports them without
 transformers (and the torch it brings), which only the tokenizer replicas need.

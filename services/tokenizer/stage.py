@@ -94,7 +94,14 @@ class TokenizeStage:
                 continue
             prompts.extend(decoded[:MAX_PROMPTS_PER_CALL])
             sizes.append(len(decoded[:MAX_PROMPTS_PER_CALL]))
-        encoded = await self._encode_many(prompts)
+        try:
+            encoded = await self._encode_many(prompts)
+        except QueueUnavailableError:
+            raise  # the calls stay pending; they are taken over (by this replica too) after the outage
+        except Exception as error:  # answered as failed, so that no replica takes them again and again
+            logger.exception("tokenizer calls failed", extra={"calls": len(calls)})
+            failure = wire.encode_failure(f"{type(error).__name__}: {error}")
+            return answers + [(call, failure) for call, size in zip(calls, sizes, strict=True) if size >= 0]
         start = 0
         for call, size in zip(calls, sizes, strict=True):
             if size >= 0:

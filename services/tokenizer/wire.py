@@ -16,6 +16,10 @@ from services.tokenizer.prompt import ChatMessage, ChatPrompt, Prompt, TextPromp
 from services.tokenizer.replies import Encoded
 
 
+class TokenizerCallFailedError(RuntimeError):
+    """The tokenizer replica failed a whole call (the ingress answers INTERNAL)."""
+
+
 class ShownValue:
     """A value known only by its short form, which it shows as its repr."""
 
@@ -38,9 +42,18 @@ def encode_reply(replies: Sequence[Encoded]) -> bytes:
     return json.dumps([_reply_fields(reply) for reply in replies]).encode()
 
 
+def encode_failure(reason: str) -> bytes:
+    """The reply to a call the tokenizer could not encode at all (not one bad prompt)."""
+    return json.dumps({"failed": reason}).encode()
+
+
 def decode_reply(payload: bytes) -> list[Encoded]:
+    """One Encoded per prompt of the call; raises TokenizerCallFailedError for a failed call."""
+    decoded = json.loads(payload)
+    if isinstance(decoded, dict):
+        raise TokenizerCallFailedError(str(decoded.get("failed", "unknown failure")))
     replies = []
-    for fields in json.loads(payload):
+    for fields in decoded:
         error = fields.get("error")
         if error is None:
             replies.append(Encoded(tuple(fields["ids"])))
