@@ -286,13 +286,26 @@ def test_the_step_write_that_finishes_requests_is_one_round_trip_and_survives_a_
         assert raw.xlen(KEYS.output("two")) == 1, "only the release is sent again, not the tokens"
 
 
-def test_cancel_of_a_queued_request_is_seen_at_claim(redis_url: str) -> None:
-    config = QueueConfig()
-    enqueue_all(redis_url, config, request("queued"))
+def _command_calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_cancel_of_a_queued_request_is_seen_at_claim_in_the_same_round_trip(redis_url: str) -> None:
+    """The claim script says which claimed requests a client cancelled (no second command); a
+    reclaim, whose script does not look, still sees a cancel made while the lease ran out."""
+    config = QueueConfig(lease_s=0.3)
+    enqueue_all(redis_url, config, request("queued"), request("kept"))
     assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "queued")) is True
-    with EngineQueue(redis_url, config) as engine:
-        (claimed,) = engine.claim(MODEL, "e", 1, 0)
-        assert claimed.cancelled is True
+    with EngineQueue(redis_url, config) as engine, redis.Redis.from_url(redis_url) as raw:
+        asked = _command_calls(raw, "smismember"), _command_calls(raw, "sismember")
+        claimed = {c.request.request_id: c.cancelled for c in engine.claim(MODEL, "e", 2, 0)}
+        assert claimed == {"queued": True, "kept": False}
+        assert _command_calls(raw, "smismember") == asked[0], "the flags came with the claim"
+        assert _command_calls(raw, "sismember") == asked[1] + 2, "looked up inside the claim script"
+        assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "kept")) is True
+        time.sleep(0.4)
+        reclaimed = {c.request.request_id: c.cancelled for c in engine.reclaim_expired(MODEL, "f", 2)}
+        assert reclaimed == {"queued": True, "kept": True}
 
 
 def test_reader_never_sees_an_index_twice_when_two_writers_overlap(redis_url: str) -> None:

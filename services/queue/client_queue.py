@@ -30,7 +30,12 @@ DEFAULT_READ_ENTRIES = 256
 # How long a reading of a model's queue under half its bound stands in for the early admission
 # check (``ensure_room``). Enqueue is the gate that counts; the early check only spares the
 # tokenizer a request that enqueue would refuse, so under light load it need not ask each time.
-TRUSTED_DEPTH_S = 0.1
+# A second, not less: a replica with a request every few hundred milliseconds would otherwise
+# read on every request (~1 ms of a lone request's time to first token on the 2-core test
+# machine). What a longer trust costs: when other replicas fill the queue from under half to
+# full within it, this replica tokenizes up to a second of requests that enqueue then refuses
+# (each refusal refreshes the reading, and from half the bound on it reads every time).
+TRUSTED_DEPTH_S = 1.0
 
 
 @dataclass(frozen=True)

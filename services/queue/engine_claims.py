@@ -59,6 +59,17 @@ class ClaimedRequest:
     reclaimed: bool
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    """An entry a script handed to this replica, not yet decoded. ``cancelled``: None when the
+    script did not look (a reclaim), so ``_admit`` asks Redis."""
+
+    entry_id: str
+    fields: codec.RawFields
+    deliveries: int
+    cancelled: bool | None = None
+
+
 class EngineClaims(EngineRedis):
     """Claims, leases, reclaim and hand-back of one engine replica's requests."""
 
@@ -80,14 +91,18 @@ class EngineClaims(EngineRedis):
         args: list[EncodableT] = [
             ENGINE_GROUP, consumer, max_count, kv.free_blocks, kv.block_size, kv.total_blocks, PRIORITIES[0]
         ]  # fmt: skip
-        script, script_keys = self._scripts[LuaScript.CLAIM], [keys.ready, keys.doorbell, *keys.bands]
+        script = self._scripts[LuaScript.CLAIM]
+        script_keys = [keys.ready, keys.doorbell, keys.cancelled, *keys.bands]
         bell, entries = script(keys=script_keys, args=args)
         if not entries and block_ms:
             # Sleep until the next enqueue rings the doorbell (or at once if one rang since the claim).
             streams: dict[KeyT, StreamIdT] = {keys.doorbell: bell}
             if self._redis.xread(streams, count=1, block=block_ms):
                 bell, entries = script(keys=script_keys, args=args)
-        delivered = [(codec.as_text(ticket), codec.pairs_to_fields(fields), 1) for ticket, fields in entries]
+        delivered = [
+            _Delivered(codec.as_text(ticket), codec.pairs_to_fields(fields), 1, bool(flag))
+            for ticket, fields, flag in entries
+        ]
         return self._admit(model, keys, delivered, reclaimed=False)
 
     @guard
@@ -110,7 +125,7 @@ class EngineClaims(EngineRedis):
                 return []
             raise
         pending = [
-            (codec.as_text(ticket), codec.pairs_to_fields(fields), int(count))
+            _Delivered(codec.as_text(ticket), codec.pairs_to_fields(fields), int(count))
             for ticket, count, fields in reply
         ]
         return self._admit(model, keys, pending, reclaimed=True)
@@ -167,28 +182,35 @@ class EngineClaims(EngineRedis):
         self,
         model: str,
         keys: ModelKeys,
-        entries: Iterable[tuple[str, codec.RawFields, int]],
+        entries: Iterable[_Delivered],
         *,
         reclaimed: bool,
     ) -> list[ClaimedRequest]:
         """Decode delivered entries; dead-letter the over-delivered and the unreadable."""
-        runnable: list[tuple[str, GenerationRequest, int]] = []
-        for entry_id, fields, deliveries in entries:
+        runnable: list[tuple[_Delivered, GenerationRequest]] = []
+        for entry in entries:
+            entry_id, fields, deliveries = entry.entry_id, entry.fields, entry.deliveries
             if deliveries > self._config.max_deliveries:
                 reason = f"delivered {deliveries} times; at most {self._config.max_deliveries} allowed"
                 self._dead_letter(model, keys, entry_id, codec.request_id_of(fields), reason, deliveries)
                 continue
             try:
-                runnable.append((entry_id, codec.decode_request(fields), deliveries))
+                runnable.append((entry, codec.decode_request(fields)))
             except InvalidParameterError as exc:
                 reason = f"unreadable request entry: {exc}"
                 self._dead_letter(model, keys, entry_id, codec.request_id_of(fields), reason, deliveries)
-        if not runnable:
-            return []
-        flags = self._redis.smismember(keys.cancelled, [request.request_id for _, request, _ in runnable])
+        unknown = [request.request_id for entry, request in runnable if entry.cancelled is None]
+        found = self._redis.smismember(keys.cancelled, unknown) if unknown else []
+        cancelled = {request_id for request_id, flag in zip(unknown, found, strict=True) if flag}
         return [
-            ClaimedRequest(entry_id, request, deliveries, bool(flag), reclaimed)
-            for (entry_id, request, deliveries), flag in zip(runnable, flags, strict=True)
+            ClaimedRequest(
+                entry.entry_id,
+                request,
+                entry.deliveries,
+                bool(entry.cancelled) or request.request_id in cancelled,
+                reclaimed,
+            )
+            for entry, request in runnable
         ]
 
     def _dead_letter(

@@ -76,9 +76,10 @@ return {'accepted', ticket, depth + 1}
 """
 )
 
-# KEYS: ready, doorbell, band stream of each priority from the most urgent on
+# KEYS: ready, doorbell, cancelled, band stream of each priority from the most urgent on
 # ARGV: group, consumer, max_count, free_blocks, block_size, total_blocks, first priority
-# Returns {doorbell id, {{ticket, {field, value, ...}}, ...}}.
+# Returns {doorbell id, {{ticket, {field, value, ...}, cancelled (1 or 0)}, ...}}: whether a
+# client cancelled the request before an engine got it comes in the same round trip.
 # Takes undelivered entries in priority order, then arrival order, while each one's prompt
 # fits the free KV blocks: ceil((prompt + 1) / block_size). It peeks (XRANGE after the group's
 # last delivered id) before it delivers, so an entry that does not fit is never held by this
@@ -105,20 +106,28 @@ local function last_delivered(stream)
   end
   return nil
 end
-local function prompt_tokens(fields)
+local function field(fields, name)
   for i = 1, #fields, 2 do
-    if fields[i] == 'p' then
-      return #fields[i + 1] / 4
+    if fields[i] == name then
+      return fields[i + 1]
     end
   end
-  return 0
+  return nil
+end
+local function prompt_tokens(fields)
+  local packed = field(fields, 'p')
+  return packed and #packed / 4 or 0
+end
+local function cancelled(fields)
+  local request_id = field(fields, 'id')
+  return request_id and redis.call('SISMEMBER', KEYS[3], request_id) or 0
 end
 local claimed, blocked = {}, false
 for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if blocked or #claimed >= wanted then
     break
   end
-  local stream = KEYS[3 + tonumber(member) - first]
+  local stream = KEYS[4 + tonumber(member) - first]
   local last = stream and redis.call('EXISTS', stream) == 1 and last_delivered(stream)
   if not last then
     redis.call('ZREM', KEYS[1], member)
@@ -142,7 +151,7 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if take > 0 then
       local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', take, 'STREAMS', stream, '>')
       for _, entry in ipairs(reply[1][2]) do
-        claimed[#claimed + 1] = {ticket_of(member, entry[1]), entry[2]}
+        claimed[#claimed + 1] = {ticket_of(member, entry[1]), entry[2], cancelled(entry[2])}
       end
     end
     if take == #waiting then
