@@ -79,7 +79,7 @@ def test_busy_replica_leaves_a_prompt_it_has_no_blocks_for_to_a_replica_that_has
         wait_for(lambda: "long" in busy.status().held_request_ids, 60, "the busy replica to take 'long'")
         enqueue(redis_url, "big", prompt_tokens=900, max_tokens=4, first_id=11)
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:  # busy has free batch slots, and claims every 10 ms
+        while time.monotonic() < deadline:  # busy has free batch slots; its writer claims each step
             assert "big" not in busy.status().held_request_ids, "a replica without room took 'big'"
             time.sleep(0.02)
         assert "long" in busy.status().held_request_ids, "'long' ended early: the check proved nothing"
@@ -92,6 +92,19 @@ def test_busy_replica_leaves_a_prompt_it_has_no_blocks_for_to_a_replica_that_has
         chunks = output(redis_url, "big")
         assert chunks[-1].finish_reason is FinishReason.LENGTH
         assert sum(len(chunk.token_ids) for chunk in chunks) == 4
+
+
+def test_busy_replica_starts_a_request_that_fits_while_its_running_one_goes_on(
+    demo_model_dir: Path, redis_url: str
+) -> None:
+    """A busy replica's claims ride on its step writes: work that arrives mid-run starts at once."""
+    with replica(demo_model_dir, redis_url) as busy:
+        enqueue(redis_url, "long", prompt_tokens=64, max_tokens=1500, first_id=3)
+        wait_for(lambda: "long" in busy.status().held_request_ids, 60, "the replica to take 'long'")
+        enqueue(redis_url, "short", prompt_tokens=16, max_tokens=4, first_id=11)
+        wait_for(lambda: finished(redis_url, "short"), 30, "'short' to finish")
+        assert not finished(redis_url, "long"), "'long' ended first: the check proved nothing"
+        assert sum(len(chunk.token_ids) for chunk in output(redis_url, "short")) == 4
 
 
 def test_prompt_larger_than_a_replicas_whole_kv_cache_ends_with_an_error_naming_its_length(

@@ -4,7 +4,9 @@ A background thread runs the loop: renew leases, reclaim requests whose holder
 died, pull only as much new work as fits, run one engine step, and hand every
 running request's new tokens to the step writer, which writes them in one Redis
 pipeline (that also acknowledges finished requests and brings back the
-cancellations) while the engine computes the next step. Ray Serve calls
+cancellations) while the engine computes the next step. An idle replica claims on the
+loop, blocking until work arrives; a busy one lets the writer claim after its write, so
+its steps never wait for a claim's round trip. Ray Serve calls
 ``check_health``; it fails when the loop has not made progress for
 ``stall_after_s``, and Serve then replaces the replica. Its requests are left
 pending in Redis and a live replica resumes them.
@@ -48,15 +50,12 @@ from services.messages import FinishReason, TokenChunk, Usage
 from services.metrics.engine import EngineMetrics, EngineSample
 from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
 from services.queue.outage import Backoff
-from services.queue.step_writer import OutputWriter
+from services.queue.step_writer import ClaimOffer, OutputWriter
 from services.serve_logs import route_to_serve_logs
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_MS = 50  # how long an idle replica blocks on the queue before it looks around again
-# A busy replica asks for new work at most this often: one Redis round trip per engine step
-# would cost as much as a small model's decode step, for requests that rarely arrive that fast.
-BUSY_CLAIM_INTERVAL_S = 0.01
 
 
 @dataclass
@@ -107,11 +106,10 @@ class EngineReplica:
         self._nice = nice
         # The loop thread reports a refused priority; the writer applies it quietly.
         quiet_nice = functools.partial(apply_thread_nice, nice, warn=False)
-        self._writer = OutputWriter(self.queue, model_name, quiet_nice)
+        self._writer = OutputWriter(self.queue, model_name, self.consumer, quiet_nice)
         self._metrics = EngineMetrics(model_name)
         now = time.monotonic()
-        self._next_renew = self._next_reclaim = self._next_claim = now
-        self._work_waiting = True  # as far as the last step's write could tell
+        self._next_renew = self._next_reclaim = now
         self._last_progress = time.monotonic()
         self._paused = threading.Event()  # test hook for the "stuck loop" fault; see pause_loop
         self._draining = threading.Event()  # set by stop(): finish what is held, take nothing new
@@ -231,13 +229,11 @@ class EngineReplica:
         if now >= self._next_reclaim:
             self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()[0]))
             self._next_reclaim = now + self._lease_s / 2
-        busy = self.engine.has_unfinished()
-        room, kv = self._room()
-        # Busy, it asks only when the last step's write saw requests waiting to be claimed.
-        if room and (not busy or (now >= self._next_claim and self._work_waiting)):
-            wait_ms = 0 if busy or self._writer.busy else IDLE_WAIT_MS
-            self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms, kv))
-            self._next_claim = now + BUSY_CLAIM_INTERVAL_S
+        if not self.engine.has_unfinished():  # busy, the step writer claims (see _submit)
+            room, kv = self._room()
+            if room:
+                wait_ms = 0 if self._writer.busy else IDLE_WAIT_MS
+                self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms, kv))
         if self.engine.has_unfinished():
             self._step()
         else:
@@ -283,7 +279,9 @@ class EngineReplica:
         acknowledged.update((rid, self._held[rid].entry_id) for rid in finishing if rid in self._held)
         running = [rid for rid in self._held if rid not in finishing] if poll_cancels else []
         if self._outbox or acknowledged or running:
-            self._writer.submit(self._outbox, acknowledged, running)
+            room, kv = self._room() if poll_cancels else (0, None)
+            offer = ClaimOffer(room, kv) if room and kv is not None else None
+            self._writer.submit(self._outbox, acknowledged, running, offer)
             self._outbox = []
 
     def _settle(self) -> None:
@@ -296,7 +294,6 @@ class EngineReplica:
             self._outbox[:0] = result.chunks
             self._unacknowledged.update(result.acknowledged)
             raise result.error
-        self._work_waiting = result.work_waiting
         for request_id in result.acknowledged:
             self._held.pop(request_id, None)
             self._unacknowledged.pop(request_id, None)
@@ -304,6 +301,7 @@ class EngineReplica:
             if request_id in self._held:
                 self.engine.abort(request_id)
                 self._end(request_id, FinishReason.ABORT)
+        self._admit_all(result.claimed)
 
     def _write_now(self) -> None:
         """Write everything pending and wait for it (after an outage, and on stop)."""
