@@ -14,7 +14,9 @@ CONFIG = QueueConfig(lease_s=30.0)
 
 
 def enqueue(redis_url: str, request_id: str, prompt_tokens: int) -> None:
-    request = GenerationRequest(request_id, MODEL, tuple(range(1, prompt_tokens + 1)), SamplingParams(max_tokens=4))
+    request = GenerationRequest(
+        request_id, MODEL, tuple(range(1, prompt_tokens + 1)), SamplingParams(max_tokens=4)
+    )
 
     async def main() -> None:
         async with QueueClient(redis_url, CONFIG) as client:
