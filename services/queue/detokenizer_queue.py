@@ -25,6 +25,7 @@ from services.messages import StreamRequest, TextDelta, TokenChunk
 from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.connection import RedisOwner, loop_redis
+from services.queue.group_errors import is_existing_group
 from services.queue.keys import DETOKENIZER_GROUP, QueueKeys
 from services.queue.outage import guard
 from services.queue.scripts import LuaScript
@@ -68,7 +69,7 @@ class DetokenizerQueue(RedisOwner):
         try:
             self._redis.xgroup_create(self._assignments, DETOKENIZER_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_existing_group(exc):
                 raise
 
     @guard

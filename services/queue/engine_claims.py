@@ -21,7 +21,8 @@ from redis.typing import EncodableT, KeyT, StreamIdT
 from services.errors import InvalidParameterError
 from services.messages import FinishReason, GenerationRequest, TokenChunk
 from services.queue import codec
-from services.queue.engine_redis import EngineRedis, check_consumer, check_non_negative, is_missing_group
+from services.queue.engine_redis import EngineRedis, check_consumer, check_non_negative
+from services.queue.group_errors import is_existing_group, is_missing_group
 from services.queue.keys import ENGINE_GROUP, PRIORITIES, ModelKeys, split_ticket
 from services.queue.outage import guard
 from services.queue.scripts import LuaScript
@@ -173,7 +174,7 @@ class EngineClaims(EngineRedis):
         try:
             self._redis.xgroup_create(keys.requests, ENGINE_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_existing_group(exc):
                 raise
         # Entries accepted before the queue had bands sit in this stream unannounced: look once.
         self._redis.zadd(keys.ready, {"0": 0})

@@ -4,7 +4,6 @@ registered scripts, and the checks on the arguments every engine call takes."""
 from __future__ import annotations
 
 from redis.commands.core import Script
-from redis.exceptions import ResponseError
 
 from services.errors import InvalidParameterError
 from services.queue.config import QueueConfig
@@ -22,11 +21,6 @@ class EngineRedis(RedisOwner):
         self._keys = QueueKeys(self._config.key_prefix)
         self._redis = loop_redis(url)  # RESP2, raw bytes: the shapes the codec reads
         self._scripts: dict[LuaScript, Script] = {s: self._redis.register_script(s.value) for s in LuaScript}
-
-
-def is_missing_group(exc: ResponseError) -> bool:
-    # Raised directly or wrapped in a script error, so match anywhere in the message.
-    return "NOGROUP" in str(exc)
 
 
 def check_consumer(consumer: str) -> None:

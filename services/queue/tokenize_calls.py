@@ -28,6 +28,7 @@ from services.errors import QueueUnavailableError
 from services.queue import codec
 from services.queue.config import QueueConfig
 from services.queue.connection import AsyncRedisOwner, async_redis
+from services.queue.group_errors import is_existing_group
 from services.queue.keys import TOKENIZER_GROUP, QueueKeys
 from services.queue.outage import Backoff, guard_async
 
@@ -131,7 +132,7 @@ class TokenizeCalls(AsyncRedisOwner):
         try:
             await self._redis.xgroup_create(self._calls_key, TOKENIZER_GROUP, id="0", mkstream=True)
         except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
+            if not is_existing_group(error):
                 raise
 
     @guard_async

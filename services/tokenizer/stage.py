@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from services.errors import QueueUnavailableError
-from services.queue.engine_redis import is_missing_group
+from services.queue.group_errors import is_missing_group
 from services.queue.outage import Backoff
 from services.queue.tokenize_calls import TokenizeCall, TokenizeCalls
 from services.tokenizer import wire
@@ -81,30 +81,24 @@ class TokenizeStage:
         return len(taken)
 
     async def _answers(self, calls: list[TokenizeCall]) -> list[tuple[TokenizeCall, bytes]]:
-        prompts: list[tuple[str, Prompt]] = []
-        sizes: list[int] = []
+        readable: list[tuple[TokenizeCall, list[tuple[str, Prompt]]]] = []
         answers: list[tuple[TokenizeCall, bytes]] = []
         for call in calls:
             try:
-                decoded = wire.decode_call(call.payload)
+                readable.append((call, wire.decode_call(call.payload)[:MAX_PROMPTS_PER_CALL]))
             except (ValueError, KeyError, TypeError):  # not from a tokenline ingress: drop it
                 logger.warning("malformed tokenizer call dropped", extra={"entry_id": call.entry_id})
                 answers.append((call, wire.encode_reply([])))
-                sizes.append(-1)
-                continue
-            prompts.extend(decoded[:MAX_PROMPTS_PER_CALL])
-            sizes.append(len(decoded[:MAX_PROMPTS_PER_CALL]))
         try:
-            encoded = await self._encode_many(prompts)
+            encoded = await self._encode_many([prompt for _, prompts in readable for prompt in prompts])
         except QueueUnavailableError:
             raise  # the calls stay pending; they are taken over (by this replica too) after the outage
         except Exception as error:  # answered as failed, so that no replica takes them again and again
             logger.exception("tokenizer calls failed", extra={"calls": len(calls)})
             failure = wire.encode_failure(f"{type(error).__name__}: {error}")
-            return answers + [(call, failure) for call, size in zip(calls, sizes, strict=True) if size >= 0]
+            return answers + [(call, failure) for call, _ in readable]
         start = 0
-        for call, size in zip(calls, sizes, strict=True):
-            if size >= 0:
-                answers.append((call, wire.encode_reply(encoded[start : start + size])))
-                start += size
+        for call, prompts in readable:
+            answers.append((call, wire.encode_reply(encoded[start : start + len(prompts)])))
+            start += len(prompts)
         return answers
