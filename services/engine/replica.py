@@ -279,10 +279,13 @@ class EngineReplica:
         acknowledged.update((rid, self._held[rid].entry_id) for rid in finishing if rid in self._held)
         running = [rid for rid in self._held if rid not in finishing] if poll_cancels else []
         if self._outbox or acknowledged or running:
-            room, kv = self._room() if poll_cancels else (0, None)
-            offer = ClaimOffer(room, kv) if room and kv is not None else None
+            offer = self._claim_offer() if poll_cancels else None  # a step's write claims too
             self._writer.submit(self._outbox, acknowledged, running, offer)
             self._outbox = []
+
+    def _claim_offer(self) -> ClaimOffer | None:
+        room, kv = self._room()
+        return ClaimOffer(room, kv) if room else None
 
     def _settle(self) -> None:
         """Apply the result of the write in flight. Raises QueueUnavailableError with nothing
