@@ -70,14 +70,18 @@ def finished(redis_url: str, request_id: str) -> bool:
     return bool(chunks) and chunks[-1].finish_reason is not None
 
 
+def run_long(busy: EngineReplica, redis_url: str, prompt_tokens: int, max_tokens: int) -> None:
+    """Give ``busy`` a request named 'long' and wait until it holds it."""
+    enqueue(redis_url, "long", prompt_tokens=prompt_tokens, max_tokens=max_tokens, first_id=3)
+    wait_for(lambda: "long" in busy.status().held_request_ids, 60, "the busy replica to take 'long'")
+
+
 def test_busy_replica_leaves_a_prompt_it_has_no_blocks_for_to_a_replica_that_has(
     demo_model_dir: Path, redis_url: str
 ) -> None:
     with replica(demo_model_dir, redis_url) as busy:
-        # 1,200 prompt tokens take 76 of busy's 128 blocks, leaving 52; "big" needs 57.
-        enqueue(redis_url, "long", prompt_tokens=1200, max_tokens=700, first_id=3)
-        wait_for(lambda: "long" in busy.status().held_request_ids, 60, "the busy replica to take 'long'")
-        enqueue(redis_url, "big", prompt_tokens=900, max_tokens=4, first_id=11)
+        run_long(busy, redis_url, prompt_tokens=1200, max_tokens=700)  # 76 of 128 blocks: 52 left
+        enqueue(redis_url, "big", prompt_tokens=900, max_tokens=4, first_id=11)  # needs 57 blocks
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # busy has free batch slots; its writer claims each step
             assert "big" not in busy.status().held_request_ids, "a replica without room took 'big'"
@@ -99,8 +103,7 @@ def test_busy_replica_starts_a_request_that_fits_while_its_running_one_goes_on(
 ) -> None:
     """A busy replica's claims ride on its step writes: work that arrives mid-run starts at once."""
     with replica(demo_model_dir, redis_url) as busy:
-        enqueue(redis_url, "long", prompt_tokens=64, max_tokens=1500, first_id=3)
-        wait_for(lambda: "long" in busy.status().held_request_ids, 60, "the replica to take 'long'")
+        run_long(busy, redis_url, prompt_tokens=64, max_tokens=1500)
         enqueue(redis_url, "short", prompt_tokens=16, max_tokens=4, first_id=11)
         wait_for(lambda: finished(redis_url, "short"), 30, "'short' to finish")
         assert not finished(redis_url, "long"), "'long' ended first: the check proved nothing"

@@ -3,8 +3,9 @@
 Both the sync (engine) and the async (client) side register these same sources.
 Stream field encoding stays in Python (``codec``); scripts receive encoded fields
 as flat argument lists and never interpret them, except the request id of an
-entry that must be dead-lettered and the length of a packed prompt, which tells the
-claim whether a request fits the engine's free KV blocks.
+entry (to dead-letter it, and for the claim to say whether a client cancelled it) and the
+length of a packed prompt, which tells the claim whether a request fits the engine's free
+KV blocks.
 """
 
 from __future__ import annotations
