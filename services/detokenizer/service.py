@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 
 from services.detokenizer.decoders import ServedDecoders
@@ -24,6 +22,7 @@ from services.detokenizer.stage import DetokenizerStage
 from services.errors import QueueUnavailableError
 from services.queue import QueueConfig
 from services.queue.detokenizer_queue import DetokenizerQueue
+from services.queue.keys import consumer_name
 from services.queue.outage import Backoff
 from services.queue.served_variants import ServedVariantsSource
 from services.serve_logs import route_to_serve_logs
@@ -49,7 +48,7 @@ class DetokenizerService:
         self._queue_config = queue_config
         self._queue = DetokenizerQueue(redis_url, queue_config)
         self._queue.ensure_group()
-        consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        consumer = consumer_name()
         self._stage = DetokenizerStage(decoders, self._queue, consumer, queue_config.lease_s)
         self._stop = threading.Event()
         self._error: BaseException | None = None

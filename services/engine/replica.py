@@ -32,10 +32,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +47,7 @@ from services.errors import InvalidParameterError, QueueUnavailableError
 from services.messages import FinishReason, TokenChunk, Usage
 from services.metrics.engine import EngineMetrics, EngineSample
 from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
+from services.queue.keys import consumer_name
 from services.queue.outage import Backoff
 from services.queue.step_writer import ClaimOffer, OutputWriter
 from services.serve_logs import route_to_serve_logs
@@ -96,7 +95,7 @@ class EngineReplica:
         self.engine = make_engine(engine_config)
         self.queue = EngineQueue(redis_url, queue_config)
         self.queue.ensure_group(model_name)
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.consumer = consumer_name()
         self._lease_s = queue_config.lease_s
         self._stall_after_s = stall_after_s
         self._drain_s = drain_s

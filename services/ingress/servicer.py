@@ -13,22 +13,20 @@ replica: the request lives in Redis.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from services.config import IngressConfig
 from services.edge_config import GrpcServerSettings
-from services.errors import QueueUnavailableError, RequestNotFoundError, TokenlineError
+from services.errors import QueueUnavailableError, RequestNotFoundError
 from services.ingress import convert
 from services.ingress.api_keys import Tenant
 from services.ingress.auth import Authenticator, PermissionDeniedError
@@ -37,7 +35,7 @@ from services.ingress.health import IngressHealth
 from services.ingress.ratelimit import RateLimiter
 from services.ingress.rpc_metrics import counted_stream, counted_unary
 from services.ingress.served_models import ServedModels
-from services.ingress.status import CallContext, RpcError, abort, rpc_error_for
+from services.ingress.status import CallContext, RpcError, abort, parse_request, status_on_error
 from services.ingress.text_fanout import TextFanout
 from services.ingress.tokenize_batcher import TokenizeBatcher
 from services.messages import MAX_SEED, GenerationRequest, StreamRequest, TextDelta
@@ -55,23 +53,6 @@ from services.tokenizer.replies import MAX_PROMPTS_PER_CALL, Encoded
 logger = logging.getLogger(__name__)
 
 ANONYMOUS = Tenant(name="anonymous", key_id="", models=(), requests_per_minute=0, tokens_per_minute=0)
-
-
-@contextlib.contextmanager
-def _status_on_error(grpc_context: CallContext) -> Iterator[None]:
-    """Turn a typed error into the RPC's status code (INVALID_ARGUMENT, NOT_FOUND, ...)."""
-    try:
-        yield
-    except TokenlineError as error:
-        raise abort(grpc_context, rpc_error_for(error)) from error
-
-
-_Message = TypeVar("_Message", bound=Message)
-
-
-def _parse(message_type: type[_Message], raw: bytes, grpc_context: CallContext) -> _Message:
-    with _status_on_error(grpc_context):
-        return convert.parse_message(message_type, raw)
 
 
 class IngressService:
@@ -134,7 +115,7 @@ class IngressService:
     # ---- RPCs -----------------------------------------------------------------------------
     @counted_unary
     async def Generate(self, raw: bytes, grpc_context: CallContext) -> pb.GenerateResponse:
-        request = _parse(pb.GenerateRequest, raw, grpc_context)
+        request = parse_request(pb.GenerateRequest, raw, grpc_context)
         text: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -161,7 +142,7 @@ class IngressService:
     async def GenerateStream(
         self, raw: bytes, grpc_context: CallContext
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
-        request = _parse(pb.GenerateRequest, raw, grpc_context)
+        request = parse_request(pb.GenerateRequest, raw, grpc_context)
         async for delta in self._generate(request, grpc_context):
             yield convert.stream_response(delta)
 
@@ -171,8 +152,8 @@ class IngressService:
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The rest of an accepted request's stream, from token ``from_token``: for a client
         whose stream broke (an ingress replica died, a connection dropped)."""
-        request = _parse(pb.ResumeRequest, raw, grpc_context)
-        with _status_on_error(grpc_context):
+        request = parse_request(pb.ResumeRequest, raw, grpc_context)
+        with status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)  # before the lookup: no probing of ids
             convert.check_request_id(request.request_id)
             stream = await self._queue.stream_request(request.request_id)
@@ -185,8 +166,8 @@ class IngressService:
 
     @counted_unary
     async def Tokenize(self, raw: bytes, grpc_context: CallContext) -> pb.TokenizeResponse:
-        request = _parse(pb.TokenizeRequest, raw, grpc_context)
-        with _status_on_error(grpc_context):
+        request = parse_request(pb.TokenizeRequest, raw, grpc_context)
+        with status_on_error(grpc_context):
             model = await self._served.resolve(request.model)
             await self._authenticate(grpc_context, model)
             encoded = await self._encode(model, convert.parse_prompt(request))
@@ -194,8 +175,8 @@ class IngressService:
 
     @counted_unary
     async def Cancel(self, raw: bytes, grpc_context: CallContext) -> pb.CancelResponse:
-        request = _parse(pb.CancelRequest, raw, grpc_context)
-        with _status_on_error(grpc_context):
+        request = parse_request(pb.CancelRequest, raw, grpc_context)
+        with status_on_error(grpc_context):
             model = await self._served.resolve(request.model)
             await self._authenticate(grpc_context, model)
             convert.check_request_id(request.request_id)
@@ -204,8 +185,9 @@ class IngressService:
 
     @counted_unary
     async def ListModels(self, raw: bytes, grpc_context: CallContext) -> pb.ListModelsResponse:
-        _parse(pb.ListModelsRequest, raw, grpc_context)  # no fields, but corrupt bytes are still refused
-        with _status_on_error(grpc_context):
+        # No fields, but corrupt bytes are still refused.
+        parse_request(pb.ListModelsRequest, raw, grpc_context)
+        with status_on_error(grpc_context):
             tenant = await self._authenticate(grpc_context, None)
             models = await self._served.listing()
         return pb.ListModelsResponse(
@@ -238,7 +220,7 @@ class IngressService:
         self, request: pb.GenerateRequest, grpc_context: CallContext
     ) -> AsyncIterator[TextDelta]:
         received = time.monotonic()
-        with _status_on_error(grpc_context):
+        with status_on_error(grpc_context):
             accepted = await self._accept(request, grpc_context)
         stream = StreamRequest(
             accepted.request_id, accepted.model, len(accepted.prompt_token_ids), accepted.params.stop

@@ -1,4 +1,4 @@
-"""Typed errors -> gRPC status codes, set on the call's context.
+"""Typed errors -> gRPC status codes, set on the call's context; request bytes parsed under that rule.
 
 Ray Serve's gRPC servers keep a status code that the deployment set on its context
 before raising, and our own server turns ``RpcError`` into that status, so every
@@ -7,9 +7,12 @@ refusal goes through ``RpcError`` here.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from services.errors import (
     InvalidParameterError,
@@ -20,6 +23,7 @@ from services.errors import (
     TokenlineError,
     short_repr,
 )
+from services.ingress import convert
 from services.ingress.auth import AuthenticationError, PermissionDeniedError
 from services.ingress.ratelimit import RateLimitedError
 
@@ -72,3 +76,21 @@ def abort(context: CallContext, error: RpcError) -> RpcError:
     context.set_code(error.code)
     context.set_details(error.details)
     return error
+
+
+@contextlib.contextmanager
+def status_on_error(grpc_context: CallContext) -> Iterator[None]:
+    """Turn a typed error into the RPC's status code (INVALID_ARGUMENT, NOT_FOUND, ...)."""
+    try:
+        yield
+    except TokenlineError as error:
+        raise abort(grpc_context, rpc_error_for(error)) from error
+
+
+_Message = TypeVar("_Message", bound=Message)
+
+
+def parse_request(message_type: type[_Message], raw: bytes, grpc_context: CallContext) -> _Message:
+    """The request's bytes as ``message_type``; corrupt bytes become INVALID_ARGUMENT."""
+    with status_on_error(grpc_context):
+        return convert.parse_message(message_type, raw)

@@ -29,6 +29,9 @@ with per-request keys, and such names are refused.
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass
 
 from services.errors import InvalidParameterError
@@ -140,6 +143,12 @@ def check_priority(priority: int) -> None:
     ):
         reason = f"must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}]"
         raise InvalidParameterError("priority", priority, reason)
+
+
+def consumer_name() -> str:
+    """A replica's name in a consumer group: host and process, plus a random part, so that two
+    replicas in one process (as in tests) stay apart and a restarted one is a new consumer."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def check_request_id(request_id: str) -> None:

@@ -13,15 +13,13 @@ on first use.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import uuid
 from collections.abc import Mapping
 
 from ray import serve
 
 from services.errors import InvalidParameterError, ModelNotFoundError
 from services.queue.config import QueueConfig
+from services.queue.keys import consumer_name
 from services.queue.served_variants import LiveVariants, ServedVariant, ServedVariantsSource
 from services.queue.tokenize_calls import TokenizeCalls
 from services.serve_logs import route_to_serve_logs
@@ -58,7 +56,7 @@ class TokenizerService:
         self._live: LiveVariants | None = served_variants.async_view() if served_variants else None
         self._variant_tokenizers: dict[str, tuple[str, PromptTokenizer]] = {}  # name -> (checksum, tok)
         self._calls = TokenizeCalls(redis_url, queue_config)
-        consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        consumer = consumer_name()
         self._stage = TokenizeStage(self._calls, consumer, self.encode_many, queue_config.tokenize_reclaim_s)
         # Serve builds the replica on the event loop that serves it; the stage shares that loop.
         self._stage_task = asyncio.get_running_loop().create_task(self._stage.run())
