@@ -504,13 +504,13 @@ def test_chart_redis_conf_matches_cluster_redis_conf() -> None:
         assert value == cluster_conf[directive], f"{directive}: chart {value!r} vs redis.conf"
 
 
-def test_ray_cluster_sets_the_ingress_environment_that_serve_config_asks_for() -> None:
+def test_ray_cluster_sets_the_serve_environment_that_serve_config_asks_for() -> None:
     """Direct ingress behind HAProxy is switched on by the environment of the Ray processes:
-    every `ray start` exports exactly what ``ingress_environment`` derives from the app's args."""
-    from services.server import ingress_environment
+    every `ray start` exports exactly what ``serve_environment`` derives from the app's args."""
+    from services.server import serve_environment
 
     args = serve_application()["args"]
-    wanted = ingress_environment(AppConfig.model_validate(args))
+    wanted = serve_environment(AppConfig.model_validate(args))
     config = load_yaml(RAY_CLUSTER)
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [command for command in config[key] if "ray start" in command]

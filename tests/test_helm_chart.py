@@ -689,17 +689,17 @@ def test_dockerfile_builds_what_the_chart_and_pyproject_pin() -> None:
 
 
 @pytest.mark.parametrize("mode", ["haproxy", "replica", "direct", "proxy"])
-def test_every_ray_container_gets_the_ingress_environment_of_its_app(helm: str, mode: str) -> None:
+def test_every_ray_container_gets_the_serve_environment_of_its_app(helm: str, mode: str) -> None:
     """Serve reads direct ingress and HAProxy from the Ray processes' environment only: each Ray
-    container carries exactly what ``ingress_environment`` derives from the rendered app args."""
+    container carries exactly what ``serve_environment`` derives from the rendered app args."""
     from services.config import AppConfig
-    from services.server import ingress_environment
+    from services.server import serve_environment
 
     documents = render(helm, f"serve.app.grpc_ingress={mode}")
     rayservice = one(documents, "RayService")
     args = app_args(rayservice)
     assert args.get("grpc_ingress", "haproxy") == mode
-    wanted = ingress_environment(AppConfig.model_validate({**args, "redis_url": "redis://x"}))
+    wanted = serve_environment(AppConfig.model_validate({**args, "redis_url": "redis://x"}))
     for container in ray_containers(rayservice):
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert {name: env.get(name) for name in wanted} == wanted, container["name"]

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from services.config import AppConfig
-from services.server import DIRECT_INGRESS_PORTS, http_port, ingress_environment
+from services.server import DIRECT_INGRESS_PORTS, http_port, serve_environment
 
 GRPC_PORT = 40000
 INGRESS_MODES = typing.get_args(AppConfig.model_fields["grpc_ingress"].annotation)
@@ -15,7 +15,7 @@ INGRESS_MODES = typing.get_args(AppConfig.model_fields["grpc_ingress"].annotatio
 
 def edge_ports(config: AppConfig) -> set[int]:
     """The gRPC port, the ingress replicas' range, HAProxy's listeners and Serve's HTTP port."""
-    env = ingress_environment(config)
+    env = serve_environment(config)
     ports = {config.grpc_port, http_port(config)}
     if "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" in env:
         first = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"])

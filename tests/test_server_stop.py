@@ -94,9 +94,9 @@ def test_sigterm_stops_every_process_serve_started(demo_model_dir: Path) -> None
     output: list[str] = []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not any(line.startswith("metrics: http://") for line in output):
+        while not any(line.startswith("logs: ") for line in output):
             assert server.poll() is None, f"serve exited with {server.returncode}:\n{''.join(output[-40:])}"
-            assert time.monotonic() < deadline, "serve printed no ready and metrics lines"
+            assert time.monotonic() < deadline, "serve printed no ready, metrics and logs lines"
             with contextlib.suppress(queue.Empty):
                 output.append(lines.get(timeout=1.0))
         ready = next(i for i, line in enumerate(output) if line.startswith("ready: grpc://"))
@@ -105,6 +105,11 @@ def test_sigterm_stops_every_process_serve_started(demo_model_dir: Path) -> None
         assert url.endswith(f":{metrics_port}/metrics"), url
         with urllib.request.urlopen(url, timeout=10) as scrape:  # Ray's metrics agent answers there
             assert scrape.status == 200
+        logs = Path(output[ready + 2].removeprefix("logs: ").strip())
+        # Replica log lines go to Serve's files only (SERVE_LOG_ENV): the line names where.
+        assert any(logs.glob("replica_*.log")), f"no replica log files in {logs}"
+        copied = [line for line in output if "(ServeReplica:" in line]
+        assert not copied, f"replica log lines also reached serve's output: {copied[:3]}"
         started = _started_by(server.pid)
         names = {process.name for process in started}
         for name in STARTED_PROCESSES:  # the test must see what it checks

@@ -30,7 +30,7 @@ from services.app import GRPC_SERVICER_FUNCTIONS
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.ingress.api_keys import ApiKeyStore
 from services.queue import QueueConfig, RedisServer
-from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, ingress_environment, running_stack
+from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, serve_environment, running_stack
 from tests.serving_stack import MODEL_NAME, free_port, wait_ready
 
 APP_NAME = "twonode"
@@ -92,7 +92,7 @@ def serve_on_two_nodes(config: AppConfig, started: float) -> int:
     # What running_stack does for a local Ray: the nodes' processes inherit the proxy's limit
     # and the ingress settings (set over whatever the parent test process left in the environment).
     os.environ[RAY_GRPC_MAX_MESSAGE_ENV] = str(config.grpc_max_message_bytes)
-    os.environ.update(ingress_environment(config))
+    os.environ.update(serve_environment(config))
     deployed, failed = threading.Event(), threading.Event()
     stacks: list[RunningStack] = []
 

@@ -335,12 +335,13 @@ lifecycle:
 
 
 {{/* How gRPC calls reach the ingress replicas (AppConfig.grpc_ingress; the same variables
-     services.server.ingress_environment sets for `tokenline serve`). "haproxy" (default):
+     services.server.serve_environment sets for `tokenline serve`). "haproxy" (default):
      every ingress replica serves gRPC itself from grpc.port+1 on, and HAProxy, which Serve
      starts in every Ray pod, listens on grpc.port. "proxy": Serve's Python gRPC proxy.
      "replica": the ingress replicas' own servers on grpc.port; Serve's direct ingress and
      HAProxy stay off. The first three are Serve's request path between deployments, in every
-     mode (services.server.SERVE_REQUEST_PATH_ENV). */}}
+     mode (services.server.SERVE_REQUEST_PATH_ENV); the fourth keeps one copy of each replica
+     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV). */}}
 {{- define "tokenline.ingressEnv" -}}
 {{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $port := int .Values.grpc.port -}}
@@ -349,6 +350,8 @@ lifecycle:
 - name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
   value: "0"
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
+- name: RAY_SERVE_LOG_TO_STDERR
   value: "0"
 {{- if or (eq $mode "proxy") (eq $mode "replica") }}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
