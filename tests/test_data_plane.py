@@ -255,3 +255,62 @@ def test_a_busy_reader_sends_fewer_fuller_messages_and_a_lone_stream_each_token(
     (alone,) = _messages_per_stream(redis_url, 1, config, "alone")
     assert "".join(alone) == whole
     assert len(alone) >= 15, f"a lone stream is read at once: {len(alone)} messages for 20 pieces"
+
+
+def test_a_call_joining_a_pausing_reader_sends_no_wake_up_and_one_joining_a_blocked_read_does(
+    redis_url: str,
+) -> None:
+    """The reader re-reads every open stream after its pause, so a call that joins meanwhile
+    needs no wake-up (one round trip saved per call under load); a call that joins while the
+    read blocks must wake it, or its text would wait for the read's timeout (1 s)."""
+    config = QueueConfig(busy_read_interval_ms=400.0, busy_read_streams=1)
+    keys = QueueKeys()
+    wake_key = keys.wake("pause-ingress")
+
+    def last_wake(writer: redis.Redis) -> bytes | None:
+        newest = writer.xrevrange(wake_key, count=1)
+        return newest[0][0] if newest else None
+
+    def write(writer: redis.Redis, request_id: str, piece: int, final: bool) -> None:
+        fields = {"s": str(piece).encode(), "t": b"\0\0\0\0", "x": f"<{request_id}{piece}>".encode()}
+        if final:
+            fields["f"] = b"length"
+        writer.xadd(keys.text(request_id), fields)
+
+    async def main() -> tuple[bool, bool, list[str], float]:
+        async with QueueClient(redis_url, config) as client:
+            fanout = TextFanout(client, wake_key, 5.0, config.busy_pause_s)
+
+            async def follow(request_id: str) -> list[str]:
+                return [delta.text async for delta in fanout.follow(request_id)]
+
+            with redis.Redis.from_url(redis_url) as writer:
+                first = asyncio.create_task(follow("p0"))
+                await asyncio.sleep(0.2)  # the reader blocks on p0's empty stream
+                write(writer, "p0", 0, final=False)
+                await asyncio.sleep(0.1)  # ... returns with it and pauses 400 ms
+                before = last_wake(writer)
+                joined_in_pause = asyncio.create_task(follow("p1"))
+                await asyncio.sleep(0.05)
+                no_wake_in_pause = last_wake(writer) == before
+                write(writer, "p1", 0, final=True)
+                write(writer, "p0", 1, final=True)
+                await asyncio.gather(first, joined_in_pause)
+                # Past the last pause nothing is open: the reader blocks on the wake-up stream.
+                await asyncio.sleep(0.6)
+                before = last_wake(writer)
+                joined_blocked = asyncio.create_task(follow("p2"))
+                await asyncio.sleep(0.05)
+                woke = last_wake(writer) != before
+                started = asyncio.get_running_loop().time()
+                write(writer, "p2", 0, final=True)
+                texts = await joined_blocked
+                waited = asyncio.get_running_loop().time() - started
+            await fanout.aclose()
+            return no_wake_in_pause, woke, texts, waited
+
+    no_wake_in_pause, woke, texts, waited = asyncio.run(main())
+    assert no_wake_in_pause, "a call that joined while the reader paused sent a wake-up"
+    assert woke, "a call that joined a blocked read did not wake it"
+    assert texts == ["<p20>"]
+    assert waited < 0.5, f"the woken read took {waited:.2f} s to bring the new call's text"
