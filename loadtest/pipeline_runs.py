@@ -2,17 +2,17 @@
 
 - in-process: one ``Engine`` driven with ``add_request``/``step``; each token is stamped
   when the ``step`` that made it returns;
-- stack: ``running_stack`` with one engine replica; ``c`` threads on one gRPC channel call
-  ``GenerateStream`` with the prompt text; each token is stamped when its message arrives.
+- stack: ``running_stack`` with one engine replica; ``c`` callers on one asyncio gRPC channel
+  call ``GenerateStream`` with the prompt text; each token is stamped when its message arrives.
 
 Each side warms up untimed, then runs every concurrency of ``CONCURRENCIES`` in turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -66,59 +66,58 @@ def run_in_process(
 
 
 class _StackLoad:
-    """``concurrency`` threads on one gRPC channel, each streaming its next request as soon as
-    its previous one ended; a token is stamped when the message carrying it arrives."""
+    """``concurrency`` callers on one asyncio gRPC channel, each streaming its next request as
+    soon as its previous one ended; a token is stamped when the message carrying it arrives.
+    One event loop rather than a thread per caller: the load generator shares the machine
+    with the stack it measures, and 16 threads contending for one interpreter cost it ~20 %
+    more CPU per token."""
 
     def __init__(
         self, target: str, api_key: str, prompts: Sequence[str], output_tokens: int, tag: str
     ) -> None:
-        from services.client import TokenlineClient
-
-        self._client = TokenlineClient(target, api_key)
+        self._target = target
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._prompts = prompts
         self._output_tokens = output_tokens
         self._tag = tag
-        self._lock = threading.Lock()
         self._pending = iter(range(len(prompts)))
         self.traces = [RequestTrace() for _ in prompts]
-        self.errors: list[BaseException] = []
 
     def run(self, concurrency: int) -> list[RequestTrace]:
-        threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
         try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            self._client.close()
-        if self.errors:
-            error = self.errors[0]
+            asyncio.run(self._run(concurrency))
+        except Exception as error:
             raise RuntimeError(f"stack load at c={concurrency} failed: {error!r}") from error
         return self.traces
 
-    def _worker(self) -> None:
+    async def _run(self, concurrency: int) -> None:
+        import grpc
+
+        from services.proto.tokenline.v1 import generation_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(self._target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            async with asyncio.TaskGroup() as callers:  # the first failure cancels the rest
+                for _ in range(concurrency):
+                    callers.create_task(self._caller(stub))
+
+    async def _caller(self, stub: Any) -> None:
         from services.proto.tokenline.v1 import generation_pb2 as pb
 
-        try:
-            while not self.errors:
-                with self._lock:
-                    index = next(self._pending, None)
-                if index is None:
-                    return
-                sampling = pb.SamplingParams(
-                    max_tokens=self._output_tokens, temperature=0.0, ignore_eos=True, seed=index
-                )
-                request = pb.GenerateRequest(
-                    request_id=f"{self._tag}-{index}", text=self._prompts[index], sampling=sampling
-                )
-                trace = self.traces[index]
-                trace.start = time.perf_counter()
-                for message in self._client.stream(request, STREAM_TIMEOUT_S):
-                    if message.token_ids:
-                        trace.add(time.perf_counter(), list(message.token_ids))
-        except BaseException as exc:  # the caller raises it after joining
-            self.errors.append(exc)
+        for index in self._pending:
+            sampling = pb.SamplingParams(
+                max_tokens=self._output_tokens, temperature=0.0, ignore_eos=True, seed=index
+            )
+            request = pb.GenerateRequest(
+                request_id=f"{self._tag}-{index}", text=self._prompts[index], sampling=sampling
+            )
+            trace = self.traces[index]
+            trace.start = time.perf_counter()
+            async for message in stub.GenerateStream(
+                request, timeout=STREAM_TIMEOUT_S, metadata=self._metadata
+            ):
+                if message.token_ids:
+                    trace.add(time.perf_counter(), list(message.token_ids))
 
 
 def run_stack_load(
