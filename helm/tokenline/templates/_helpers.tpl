@@ -341,7 +341,8 @@ lifecycle:
      "replica": the ingress replicas' own servers on grpc.port; Serve's direct ingress and
      HAProxy stay off. The first three are Serve's request path between deployments, in every
      mode (services.server.SERVE_REQUEST_PATH_ENV); the fourth keeps one copy of each replica
-     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV). */}}
+     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV); the fifth
+     slows Serve's controller loop from 0.1 to 0.5 s (services.server.SERVE_CONTROLLER_ENV). */}}
 {{- define "tokenline.ingressEnv" -}}
 {{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $port := int .Values.grpc.port -}}
@@ -353,6 +354,8 @@ lifecycle:
   value: "0"
 - name: RAY_SERVE_LOG_TO_STDERR
   value: "0"
+- name: RAY_SERVE_CONTROL_LOOP_INTERVAL_S
+  value: "0.5"
 {{- if or (eq $mode "proxy") (eq $mode "replica") }}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
   value: "0"
