@@ -30,7 +30,7 @@ from services.app import GRPC_SERVICER_FUNCTIONS
 from services.config import AppConfig, EngineSettings, ModelConfig
 from services.ingress.api_keys import ApiKeyStore
 from services.queue import QueueConfig, RedisServer
-from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, serve_environment, running_stack
+from services.server import RAY_GRPC_MAX_MESSAGE_ENV, RunningStack, running_stack, serve_environment
 from tests.serving_stack import MODEL_NAME, free_port, wait_ready
 
 APP_NAME = "twonode"
