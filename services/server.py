@@ -39,7 +39,7 @@ SERVE_REQUEST_PATH_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
-# Serve writes each replica's log lines to its own file (JSON, under the session's logs/serve/)
+# Serve writes each replica's log lines to a file of its own (under the session's logs/serve/)
 # and, by default, a second copy to the replica's stderr, which Ray's log monitor tails and
 # ships through the GCS to the driver. The copy cost ~20 us of CPU per streamed token at c=16
 # (demo model; log monitor 18 -> 7 us, GCS 20 -> 11): the files are the one copy kept.
@@ -126,9 +126,9 @@ def serve_options(config: AppConfig) -> dict[str, Any]:
 
 def serve_environment(config: AppConfig) -> dict[str, str]:
     """The Ray Serve settings behind ``grpc_ingress``, plus the request path, logging and
-    controller ones every mode shares. Serve reads them from the environment of its controller and replicas
-    only; a local Ray started here inherits this process's, and on an existing cluster they
-    must be set where Ray runs (cluster/ and the Helm chart do)."""
+    controller ones every mode shares. Serve reads them from the environment of its controller
+    and replicas only; a local Ray started here inherits this process's, and on an existing
+    cluster they must be set where Ray runs (cluster/ and the Helm chart do)."""
     common = {**SERVE_REQUEST_PATH_ENV, **SERVE_LOG_ENV, **SERVE_CONTROLLER_ENV}
     if config.grpc_ingress in ("replica", "proxy"):
         return {**common, DIRECT_INGRESS_ENV: "0", HA_PROXY_ENV: "0"}
