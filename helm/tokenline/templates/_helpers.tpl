@@ -341,8 +341,9 @@ lifecycle:
      "replica": the ingress replicas' own servers on grpc.port; Serve's direct ingress and
      HAProxy stay off. The first three are Serve's request path between deployments, in every
      mode (services.server.SERVE_REQUEST_PATH_ENV); the fourth keeps one copy of each replica
-     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV); the fifth
-     slows Serve's controller loop from 0.1 to 0.5 s (services.server.SERVE_CONTROLLER_ENV). */}}
+     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV); the fifth and
+     sixth slow Serve's controller loop from 0.1 to 0.5 s and its own metrics flush from 0.1 to
+     1 s (services.server.SERVE_BACKGROUND_ENV). */}}
 {{- define "tokenline.ingressEnv" -}}
 {{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $port := int .Values.grpc.port -}}
@@ -356,6 +357,8 @@ lifecycle:
   value: "0"
 - name: RAY_SERVE_CONTROL_LOOP_INTERVAL_S
   value: "0.5"
+- name: RAY_SERVE_METRICS_EXPORT_INTERVAL_MS
+  value: "1000"
 {{- if or (eq $mode "proxy") (eq $mode "replica") }}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
   value: "0"
