@@ -50,8 +50,8 @@ SERVE_LOG_ENV = {"RAY_SERVE_LOG_TO_STDERR": "0"}
 # A decision (a replacement replica, a scaling step) then waits up to 0.4 s longer; Serve counts
 # the autoscaling delays, which are set in seconds, in turns of this loop. Each replica and
 # handle also flushes Serve's own request metrics every 100 ms; every 1 s: ~0.0025 of a core
-# less per replica (all 0.154 -> 0.144). Prometheus scrapes at 15 s; tokenline's own metrics
-# (services/metrics) do not go through that flush.
+# less per replica (all 0.154 -> 0.144); a scrape every second or more sees no difference, and
+# tokenline's own metrics (services/metrics) do not go through that flush.
 SERVE_BACKGROUND_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
