@@ -16,15 +16,9 @@ cores shared with the data plane the engine's step goes first and text waits and
 
 When Redis is away the loop keeps what the engine produced in an outbox and
 retries; it never steps further ahead than one unwritten step (plus the one whose
-write is in flight).
-
-Pulling only what fits: the replica offers the queue its free batch slots and the KV blocks
-not yet promised to prompts it holds; the queue's claim looks at each request before it takes
-it, most urgent priority first, so work this replica cannot start stays free for another. A
-reclaimed request, whose produced tokens count too, that does not fit is handed straight back;
-one whose prompt exceeds the whole KV cache (replicas of a model share one engine config) ends
-with an ERROR naming its length instead of bouncing between replicas. On a graceful stop
-the replica finishes what it holds for a while, then hands the rest back.
+write is in flight). What it holds and owes Redis is kept in ``holdings``; how a claimed
+request enters the engine, and how much room the replica offers the queue, is ``admission``.
+On a graceful stop the replica finishes what it holds for a while, then hands the rest back.
 """
 
 from __future__ import annotations
@@ -38,15 +32,16 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.admission import Admission
 from services.engine.autoscaling import queue_load_stats
 from services.engine.backend import make_engine
 from services.engine.config import EngineConfig
 from services.engine.cpu_priority import apply_thread_nice
-from services.engine.outputs import RequestOutput
-from services.errors import InvalidParameterError, QueueUnavailableError
-from services.messages import FinishReason, TokenChunk, Usage
+from services.engine.holdings import Holdings
+from services.errors import QueueUnavailableError
+from services.messages import FinishReason
 from services.metrics.engine import EngineMetrics, EngineSample
-from services.queue import ClaimedRequest, EngineQueue, KvBudget, QueueConfig
+from services.queue import EngineQueue, KvBudget, QueueConfig
 from services.queue.keys import consumer_name
 from services.queue.outage import Backoff
 from services.queue.step_writer import ClaimOffer, OutputWriter
@@ -59,13 +54,6 @@ logger = logging.getLogger(__name__)
 # so this bounds only how late an idle replica notices a stop; each turn costs two Redis round
 # trips (the claim script, the blocking read), 8 a second at 250 ms against 40 at 50.
 IDLE_WAIT_MS = 250
-
-
-@dataclass
-class _Held:
-    entry_id: str
-    next_index: int  # output index of the next token this replica will write
-    num_prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -103,14 +91,15 @@ class EngineReplica:
         self._lease_s = queue_config.lease_s
         self._stall_after_s = stall_after_s
         self._drain_s = drain_s
-        self._held: dict[str, _Held] = {}
-        self._outbox: list[TokenChunk] = []  # produced, not yet handed to the writer
-        self._unacknowledged: dict[str, str] = {}  # request id -> entry id: output complete, not yet acked
+        self._holdings = Holdings()
         self._nice = nice
         # The loop thread reports a refused priority; the writer applies it quietly.
         quiet_nice = functools.partial(apply_thread_nice, nice, warn=False)
         self._writer = OutputWriter(self.queue, model_name, self.consumer, quiet_nice)
         self._metrics = EngineMetrics(model_name)
+        self._admission = Admission(
+            self.engine, self.queue, model_name, self.consumer, self._holdings, self._metrics
+        )
         now = time.monotonic()
         self._next_renew = self._next_reclaim = now
         self._last_progress = time.monotonic()
@@ -136,7 +125,7 @@ class EngineReplica:
             consumer=self.consumer,
             running=capacity.running,
             waiting=capacity.waiting,
-            held_request_ids=tuple(self._held),
+            held_request_ids=tuple(self._holdings.held),
             free_blocks=capacity.free_blocks,
             steps=self.engine.stats.steps,
             seconds_since_progress=time.monotonic() - self._last_progress,
@@ -146,7 +135,7 @@ class EngineReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every metrics interval when the deployment autoscales: the queue
         load that ``services.engine.autoscaling.QueueLoadPolicy`` scales on."""
-        return queue_load_stats(self.queue, self.model_name, held=len(self._held))
+        return queue_load_stats(self.queue, self.model_name, held=len(self._holdings.held))
 
     def pause_loop(self) -> None:
         """Freeze the loop while the process stays alive: how tests produce a stuck engine."""
@@ -162,7 +151,7 @@ class EngineReplica:
         deadline = time.monotonic() + drain_s
         while (
             self._thread.is_alive()
-            and (self._held or self._outbox or self._writer.busy)
+            and (self._holdings.held or self._holdings.owes_redis or self._writer.busy)
             and time.monotonic() < deadline
         ):
             time.sleep(0.05)
@@ -176,7 +165,7 @@ class EngineReplica:
         try:
             self._write_now()
             handed = self.queue.hand_back(
-                self.model_name, self.consumer, [h.entry_id for h in self._held.values()]
+                self.model_name, self.consumer, [h.entry_id for h in self._holdings.held.values()]
             )
         except QueueUnavailableError:
             logger.warning(
@@ -223,20 +212,22 @@ class EngineReplica:
     def _iterate(self) -> None:
         """One turn of the loop. Any Redis call may raise QueueUnavailableError; whatever the
         engine produced stays in the outbox and is written before the engine steps again."""
-        if self._outbox or self._unacknowledged:  # left over by an outage, or reclaimed finished
+        if self._holdings.owes_redis:
             self._write_now()
         now = time.monotonic()
         if now >= self._next_renew:
             self._renew_leases()
             self._next_renew = now + self._lease_s / 3
         if now >= self._next_reclaim:
-            self._admit_all(self.queue.reclaim_expired(self.model_name, self.consumer, self._room()[0]))
+            self._admission.admit_all(
+                self.queue.reclaim_expired(self.model_name, self.consumer, self._room()[0])
+            )
             self._next_reclaim = now + self._lease_s / 2
         if not self.engine.has_unfinished():  # busy, the step writer claims (see _submit)
             room, kv = self._room()
             if room:
                 wait_ms = 0 if self._writer.busy else IDLE_WAIT_MS
-                self._admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms, kv))
+                self._admission.admit_all(self.queue.claim(self.model_name, self.consumer, room, wait_ms, kv))
         if self.engine.has_unfinished():
             self._step()
         else:
@@ -257,34 +248,19 @@ class EngineReplica:
         self._metrics.record(sample)
 
     def _room(self) -> tuple[int, KvBudget]:
-        """New requests this replica can take now (free batch slots, only while nothing it holds
-        waits for KV blocks: pulling more would hoard work) and the KV blocks their prompts may
-        fill: free blocks not already promised to prompts it holds."""
-        capacity = self.engine.capacity()
-        free = capacity.free_blocks - self.engine.reserved_blocks()
-        kv = KvBudget(free, capacity.block_size, capacity.total_blocks)
-        if self._draining.is_set() or capacity.waiting or free <= 0:
-            return 0, kv
-        return capacity.free_slots, kv
+        return self._admission.room(draining=self._draining.is_set())
 
     def _step(self) -> None:
         """Compute step N+1 while step N's output is being written, then hand N+1 over."""
-        outputs = self.engine.step()
-        chunks = [self._chunk(out) for out in outputs if out.request_id in self._held]
-        self._outbox.extend(chunks)
-        self._metrics.generated(sum(len(chunk.token_ids) for chunk in chunks))
+        self._metrics.generated(self._holdings.record(self.engine.step()))
         self._settle()
         self._submit(poll_cancels=True)
 
     def _submit(self, poll_cancels: bool) -> None:
-        finishing = {c.request_id for c in self._outbox if c.finish_reason is not None}
-        acknowledged = dict(self._unacknowledged)
-        acknowledged.update((rid, self._held[rid].entry_id) for rid in finishing if rid in self._held)
-        running = [rid for rid in self._held if rid not in finishing] if poll_cancels else []
-        if self._outbox or acknowledged or running:
+        write = self._holdings.take_write(poll_cancels)
+        if write is not None:
             offer = self._claim_offer() if poll_cancels else None  # a step's write claims too
-            self._writer.submit(self._outbox, acknowledged, running, offer)
-            self._outbox = []
+            self._writer.submit(write.chunks, write.acknowledged, write.running, offer)
 
     def _claim_offer(self) -> ClaimOffer | None:
         room, kv = self._room()
@@ -297,17 +273,14 @@ class EngineReplica:
         if result is None:
             return
         if result.error is not None:
-            self._outbox[:0] = result.chunks
-            self._unacknowledged.update(result.acknowledged)
+            self._holdings.not_written(result.chunks, result.acknowledged)
             raise result.error
-        for request_id in result.acknowledged:
-            self._held.pop(request_id, None)
-            self._unacknowledged.pop(request_id, None)
+        self._holdings.written(result.acknowledged)
         for request_id in result.cancelled:
-            if request_id in self._held:
+            if request_id in self._holdings.held:
                 self.engine.abort(request_id)
-                self._end(request_id, FinishReason.ABORT)
-        self._admit_all(result.claimed)
+                self._holdings.end(request_id, FinishReason.ABORT)
+        self._admission.admit_all(result.claimed)
 
     def _write_now(self) -> None:
         """Write everything pending and wait for it (after an outage, and on stop)."""
@@ -315,78 +288,17 @@ class EngineReplica:
         self._submit(poll_cancels=False)
         self._settle()
 
-    def _chunk(self, out: RequestOutput) -> TokenChunk:
-        self._held[out.request_id].next_index = out.end_index
-        return out.token_chunk()
-
-    def _admit_all(self, claimed: list[ClaimedRequest]) -> None:
-        for item in claimed:
-            self._admit(item)
-
-    def _admit(self, item: ClaimedRequest) -> None:
-        request = item.request
-        if not item.reclaimed:  # queue time ends at the first claim; a reclaim is not queueing
-            self._metrics.claimed(request.arrival_time)
-        held = _Held(item.entry_id, 0, len(request.prompt_token_ids))
-        if item.cancelled:
-            self._held[request.request_id] = held
-            self._end(request.request_id, FinishReason.ABORT)
-            return
-        produced: list[int] = []
-        if item.reclaimed:  # someone ran it before: resume after what reached the stream
-            produced, finished = self.queue.read_output_tokens(request.request_id)
-            if finished:
-                self._unacknowledged[request.request_id] = item.entry_id
-                return
-        held.next_index = len(produced)
-        kv = self._room()[1]  # reflects the requests admitted just before this one
-        need = kv.blocks_for(held.num_prompt_tokens + len(produced) + 1)
-        if kv.free_blocks < need <= kv.total_blocks:  # fits later or elsewhere: do not hold it
-            self.queue.hand_back(self.model_name, self.consumer, [item.entry_id])
-            return
-        self._held[request.request_id] = held
-        if need > kv.total_blocks:  # fits no replica of this model: fail it rather than bounce it
-            blocks = f"{need} KV blocks; a replica has {kv.total_blocks}"
-            error = f"prompt of {held.num_prompt_tokens} tokens (+{len(produced)} generated) needs {blocks}"
-            self._end(request.request_id, FinishReason.ERROR, error=error)
-            return
-        try:
-            self.engine.add_request(
-                request.request_id,
-                request.prompt_token_ids,
-                request.params,
-                priority=request.priority,
-                output_prefix=produced,
-            )
-        except InvalidParameterError as exc:
-            self._end(request.request_id, FinishReason.ERROR, error=str(exc))
-            return
-        logger.info(
-            "request admitted",
-            extra={
-                "request_id": request.request_id,
-                "resumed_tokens": len(produced),
-                "deliveries": item.deliveries,
-            },
-        )
-
-    def _end(self, request_id: str, reason: FinishReason, error: str = "") -> None:
-        """Queue a final chunk for a request the engine did not finish by itself; the next flush
-        writes it and releases the request."""
-        held = self._held[request_id]
-        usage = Usage(held.num_prompt_tokens, held.next_index, 0)
-        self._outbox.append(TokenChunk(request_id, held.next_index, (), reason, usage, error))
-
     def _log_context(self) -> dict[str, str]:
         return {"model": self.model_name, "consumer": self.consumer}
 
     def _renew_leases(self) -> None:
-        if not self._held:
+        held = self._holdings.held
+        if not held:
             return
-        entry_to_request = {held.entry_id: rid for rid, held in self._held.items()}
+        entry_to_request = {h.entry_id: rid for rid, h in held.items()}
         lost = self.queue.renew(self.model_name, self.consumer, list(entry_to_request))
         for entry_id in lost:
             request_id = entry_to_request[entry_id]
             logger.warning("lease lost; dropping request", extra={"request_id": request_id})
             self.engine.abort(request_id)
-            self._held.pop(request_id, None)
+            held.pop(request_id, None)
