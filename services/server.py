@@ -44,6 +44,13 @@ SERVE_REQUEST_PATH_ENV = {
 # ships through the GCS to the driver. The copy cost ~20 us of CPU per streamed token at c=16
 # (demo model; log monitor 18 -> 7 us, GCS 20 -> 11): the files are the one copy kept.
 SERVE_LOG_ENV = {"RAY_SERVE_LOG_TO_STDERR": "0"}
+# Ray's log monitor (one per node) reads every worker's stdout/stderr file each 0.1 s turn and,
+# while the node has fewer than RAY_LOG_MONITOR_MANY_FILES_THRESHOLD log files, also lists the
+# log directory on every turn: at rest 0.0135 of a core (demo model, 20 s). With the threshold at
+# 0 it lists the directory every LOG_NAME_UPDATE_INTERVAL_S instead: 0.005. The first console
+# lines of a worker started after that (a traceback of a replica that fails at once) then reach
+# the console up to 2 s later; files it already reads, and every log file, are as before.
+RAY_LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "2"}
 # Serve's own background work, at rest a third of the stack's idle CPU on two cores (demo model,
 # 20 s: 0.226 of a core in all, controller 0.054, GCS 0.026). Its controller reconciles replicas,
 # scaling and routes every 0.1 s by default; every 0.5 s: controller 0.022, GCS 0.010, all 0.167.
@@ -135,7 +142,7 @@ def serve_environment(config: AppConfig) -> dict[str, str]:
     background ones every mode shares. Serve reads them from the environment of its controller
     and replicas only; a local Ray started here inherits this process's, and on an existing
     cluster they must be set where Ray runs (cluster/ and the Helm chart do)."""
-    common = {**SERVE_REQUEST_PATH_ENV, **SERVE_LOG_ENV, **SERVE_BACKGROUND_ENV}
+    common = {**SERVE_REQUEST_PATH_ENV, **SERVE_LOG_ENV, **RAY_LOG_MONITOR_ENV, **SERVE_BACKGROUND_ENV}
     if config.grpc_ingress in ("replica", "proxy"):
         return {**common, DIRECT_INGRESS_ENV: "0", HA_PROXY_ENV: "0"}
     first = config.grpc_port + 1 if config.grpc_ingress == "haproxy" else config.grpc_port

@@ -514,7 +514,7 @@ def test_ray_cluster_sets_the_serve_environment_that_serve_config_asks_for() -> 
     config = load_yaml(RAY_CLUSTER)
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [command for command in config[key] if "ray start" in command]
-        exported = dict(re.findall(r"\b(RAY_SERVE_[A-Z_]+)=(\S+?)[;\s]", start))
+        exported = dict(re.findall(r"\b([A-Z][A-Z0-9_]+)=(\S+?)[;\s]", start))
         for name, value in wanted.items():
             assert exported.get(name) == value, f"{key}: must export {name}={value}"
             assert start.index(name) < start.index("ray start"), f"{key}: set {name} before ray start"

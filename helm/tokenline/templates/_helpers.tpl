@@ -341,9 +341,10 @@ lifecycle:
      "replica": the ingress replicas' own servers on grpc.port; Serve's direct ingress and
      HAProxy stay off. The first three are Serve's request path between deployments, in every
      mode (services.server.SERVE_REQUEST_PATH_ENV); the fourth keeps one copy of each replica
-     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV); the fifth and
-     sixth slow Serve's controller loop from 0.1 to 0.5 s and its own metrics flush from 0.1 to
-     1 s (services.server.SERVE_BACKGROUND_ENV). */}}
+     log line, in Serve's files under /tmp/ray (services.server.SERVE_LOG_ENV); the next two let
+     Ray's log monitor list the log directory every 2 s instead of every 0.1 s
+     (services.server.RAY_LOG_MONITOR_ENV); the two after slow Serve's controller loop from 0.1
+     to 0.5 s and its own metrics flush from 0.1 to 1 s (services.server.SERVE_BACKGROUND_ENV). */}}
 {{- define "tokenline.ingressEnv" -}}
 {{- $mode := include "tokenline.grpcIngress" . -}}
 {{- $port := int .Values.grpc.port -}}
@@ -355,6 +356,10 @@ lifecycle:
   value: "0"
 - name: RAY_SERVE_LOG_TO_STDERR
   value: "0"
+- name: RAY_LOG_MONITOR_MANY_FILES_THRESHOLD
+  value: "0"
+- name: LOG_NAME_UPDATE_INTERVAL_S
+  value: "2"
 - name: RAY_SERVE_CONTROL_LOOP_INTERVAL_S
   value: "0.5"
 - name: RAY_SERVE_METRICS_EXPORT_INTERVAL_MS
