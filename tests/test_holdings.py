@@ -66,7 +66,7 @@ def test_an_ended_request_gets_a_final_chunk_at_its_next_index_with_its_usage() 
 
 def test_output_of_a_request_no_longer_held_is_not_written() -> None:
     holdings = _two_held()
-    del holdings.held["b"]  # its lease was lost while the step ran
+    holdings.drop("b")  # its lease was lost while the step ran
     assert holdings.record([_output("a", 0, (7,)), _output("b", 0, (9,))]) == 1
     write = holdings.take_write(poll_cancels=True)
     assert write is not None and [c.request_id for c in write.chunks] == ["a"]

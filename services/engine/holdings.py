@@ -66,6 +66,10 @@ class Holdings:
         usage = Usage(held.num_prompt_tokens, held.next_index, 0)
         self._outbox.append(TokenChunk(request_id, held.next_index, (), reason, usage, error))
 
+    def drop(self, request_id: str) -> None:
+        """Forget a request whose lease another replica took over: it is not ours to finish."""
+        self.held.pop(request_id, None)
+
     def finished_elsewhere(self, request_id: str, entry_id: str) -> None:
         """A reclaimed request whose output stream already ends: acknowledge it, run nothing."""
         self._unacknowledged[request_id] = entry_id

@@ -301,4 +301,4 @@ class EngineReplica:
             request_id = entry_to_request[entry_id]
             logger.warning("lease lost; dropping request", extra={"request_id": request_id})
             self.engine.abort(request_id)
-            held.pop(request_id, None)
+            self._holdings.drop(request_id)
