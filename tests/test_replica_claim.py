@@ -80,13 +80,14 @@ def test_busy_replica_leaves_a_prompt_it_has_no_blocks_for_to_a_replica_that_has
     demo_model_dir: Path, redis_url: str
 ) -> None:
     with replica(demo_model_dir, redis_url) as busy:
-        run_long(busy, redis_url, prompt_tokens=1200, max_tokens=700)  # 76 of 128 blocks: 52 left
+        run_long(busy, redis_url, prompt_tokens=1200, max_tokens=800)  # 76 of 128 blocks: 52 left
         enqueue(redis_url, "big", prompt_tokens=900, max_tokens=4, first_id=11)  # needs 57 blocks
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:  # busy has free batch slots; its writer claims each step
-            assert "big" not in busy.status().held_request_ids, "a replica without room took 'big'"
+        deadline = time.monotonic() + 0.5  # hundreds of steps; 'long' runs for 800
+        while time.monotonic() < deadline:  # busy has free batch slots; each step write claims
+            held = busy.status().held_request_ids
+            assert "long" in held, "'long' ended early: the check proved nothing"
+            assert "big" not in held, "a replica without room took 'big'"
             time.sleep(0.02)
-        assert "long" in busy.status().held_request_ids, "'long' ended early: the check proved nothing"
         with redis.Redis.from_url(redis_url) as raw:
             pending = raw.xpending(QueueKeys(QUEUE.key_prefix).for_model(MODEL).requests, ENGINE_GROUP)
         assert pending["pending"] == 1, "only 'long' is held; 'big' waits in the queue, free for anyone"

@@ -1,4 +1,4 @@
-"""The engine's threads ask the kernel for a higher CPU priority than the rest of the node.
+"""The engine's loop thread asks the kernel for a higher CPU priority than the rest of the node.
 
 On a node whose cores the engine shares with the data plane (ingress, tokenizer,
 detokenizer, Redis, Ray's own processes), every runnable thread gets an equal slice under
@@ -9,8 +9,7 @@ engine's speed.
 
 Raising a priority (a negative nice value) needs CAP_SYS_NICE (root has it; in Kubernetes
 the container must add the capability). Without it the thread keeps its priority and the
-replica says so once in its log (from its loop thread; the writer thread stays quiet);
-nothing else changes.
+replica says so once in its log; nothing else changes.
 """
 
 from __future__ import annotations
@@ -22,18 +21,16 @@ import threading
 logger = logging.getLogger(__name__)
 
 
-def apply_thread_nice(nice: int, warn: bool = True) -> bool:
-    """Set the calling thread's nice value (Linux: per thread). Returns whether it took;
-    with ``warn``, a refusal is logged."""
+def apply_thread_nice(nice: int) -> bool:
+    """Set the calling thread's nice value (Linux: per thread). Returns whether it took; a
+    refusal is logged."""
     if nice == 0 or not hasattr(os, "setpriority"):
         return nice == 0
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except PermissionError:
-        if warn:
-            logger.warning(
-                "engine threads keep their CPU priority: raising it needs CAP_SYS_NICE",
-                extra={"nice": nice},
-            )
+        logger.warning(
+            "the engine loop keeps its CPU priority: raising it needs CAP_SYS_NICE", extra={"nice": nice}
+        )
         return False
     return True

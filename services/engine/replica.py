@@ -1,17 +1,17 @@
 """An engine replica: the one place where the engine core meets the Redis queue.
 
 A background thread runs the loop: renew leases, reclaim requests whose holder
-died, pull only as much new work as fits, run one engine step, and hand every
-running request's new tokens to the step writer, which writes them in one Redis
-pipeline (that also acknowledges finished requests and brings back the
-cancellations) while the engine computes the next step. An idle replica claims on the
-loop, blocking until work arrives; a busy one lets the writer claim after its write, so
+died, pull only as much new work as fits, run one engine step, and send every
+running request's new tokens through the step writer in one Redis pipeline (that also
+acknowledges finished requests and brings back the cancellations), whose replies it
+reads after the engine has computed the next step. An idle replica claims on the
+loop, blocking until work arrives; a busy one claims within its step writes, so
 its steps never wait for a claim's round trip. Ray Serve calls
 ``check_health``; it fails when the loop has not made progress for
 ``stall_after_s``, and Serve then replaces the replica. Its requests are left
 pending in Redis and a live replica resumes them.
 
-The loop and the writer run at the replica's ``nice`` (services/engine/cpu_priority.py): on
+The loop runs at the replica's ``nice`` (services/engine/cpu_priority.py): on
 cores shared with the data plane the engine's step goes first and text waits and gathers.
 
 When Redis is away the loop keeps what the engine produced in an outbox and
@@ -23,7 +23,6 @@ On a graceful stop the replica finishes what it holds for a while, then hands th
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -93,9 +92,7 @@ class EngineReplica:
         self._drain_s = drain_s
         self._holdings = Holdings()
         self._nice = nice
-        # The loop thread reports a refused priority; the writer applies it quietly.
-        quiet_nice = functools.partial(apply_thread_nice, nice, warn=False)
-        self._writer = OutputWriter(self.queue, model_name, self.consumer, quiet_nice)
+        self._writer = OutputWriter(self.queue, model_name, self.consumer)
         self._metrics = EngineMetrics(model_name)
         self._admission = Admission(
             self.engine, self.queue, model_name, self.consumer, self._holdings, self._metrics
@@ -223,7 +220,7 @@ class EngineReplica:
                 self.queue.reclaim_expired(self.model_name, self.consumer, self._room()[0])
             )
             self._next_reclaim = now + self._lease_s / 2
-        if not self.engine.has_unfinished():  # busy, the step writer claims (see _submit)
+        if not self.engine.has_unfinished():  # busy, the step writes claim (see _submit)
             room, kv = self._room()
             if room:
                 wait_ms = 0 if self._writer.busy else IDLE_WAIT_MS

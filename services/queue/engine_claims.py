@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, KeyT, StreamIdT
@@ -21,7 +22,7 @@ from redis.typing import EncodableT, KeyT, StreamIdT
 from services.errors import InvalidParameterError
 from services.messages import FinishReason, GenerationRequest, TokenChunk
 from services.queue import codec
-from services.queue.engine_redis import EngineRedis, check_consumer, check_non_negative
+from services.queue.engine_redis import Command, EngineRedis, check_consumer, check_non_negative
 from services.queue.group_errors import is_existing_group, is_missing_group
 from services.queue.keys import ENGINE_GROUP, PRIORITIES, ModelKeys, split_ticket
 from services.queue.outage import guard
@@ -82,29 +83,52 @@ class EngineClaims(EngineRedis):
         (0: do not wait) for the next enqueue when none can be taken. With ``kv``, only requests
         whose prompts (plus the token to generate) fit ``kv.free_blocks`` together, stopping at
         the first that does not; one larger than ``kv.total_blocks`` is taken (it fits nowhere)."""
-        check_consumer(consumer)
-        check_non_negative("max_count", max_count)
         check_non_negative("block_ms", block_ms)
-        keys = self._keys.for_model(model)
+        script_keys, args = self._claim_call(model, consumer, max_count, kv)  # checks the others
         if max_count == 0:
             return []
+        script = self._scripts[LuaScript.CLAIM]
+        bell, entries = script(keys=script_keys, args=args)
+        if not entries and block_ms:
+            # Sleep until the next enqueue rings the doorbell (or at once if one rang since the claim).
+            streams: dict[KeyT, StreamIdT] = {self._keys.for_model(model).doorbell: bell}
+            if self._redis.xread(streams, count=1, block=block_ms):
+                bell, entries = script(keys=script_keys, args=args)
+        return self._claimed(model, entries)
+
+    def claim_command(self, model: str, consumer: str, max_count: int, kv: KvBudget | None = None) -> Command:
+        """``claim`` without waiting, as one command to send in a pipeline; ``claimed_from``
+        reads its reply."""
+        script_keys, args = self._claim_call(model, consumer, max_count, kv)
+        return ("EVALSHA", self._scripts[LuaScript.CLAIM].sha, len(script_keys), *script_keys, *args)
+
+    @guard
+    def claimed_from(self, model: str, reply: Any) -> list[ClaimedRequest]:
+        """The requests a sent ``claim_command`` took. Raises an error reply (NoScriptError:
+        Redis does not hold the script yet, or lost it in a restart; ``claim`` loads it)."""
+        if isinstance(reply, Exception):
+            raise reply
+        _bell, entries = reply
+        return self._claimed(model, entries)
+
+    def _claim_call(
+        self, model: str, consumer: str, max_count: int, kv: KvBudget | None
+    ) -> tuple[list[KeyT], list[EncodableT]]:
+        check_consumer(consumer)
+        check_non_negative("max_count", max_count)
+        keys = self._keys.for_model(model)
         kv = kv or KvBudget(_UNLIMITED, 1, _UNLIMITED)
         args: list[EncodableT] = [
             ENGINE_GROUP, consumer, max_count, kv.free_blocks, kv.block_size, kv.total_blocks, PRIORITIES[0]
         ]  # fmt: skip
-        script = self._scripts[LuaScript.CLAIM]
-        script_keys = [keys.ready, keys.doorbell, keys.cancelled, *keys.bands]
-        bell, entries = script(keys=script_keys, args=args)
-        if not entries and block_ms:
-            # Sleep until the next enqueue rings the doorbell (or at once if one rang since the claim).
-            streams: dict[KeyT, StreamIdT] = {keys.doorbell: bell}
-            if self._redis.xread(streams, count=1, block=block_ms):
-                bell, entries = script(keys=script_keys, args=args)
+        return [keys.ready, keys.doorbell, keys.cancelled, *keys.bands], args
+
+    def _claimed(self, model: str, entries: Any) -> list[ClaimedRequest]:
         delivered = [
             _Delivered(codec.as_text(ticket), codec.pairs_to_fields(fields), 1, bool(flag))
             for ticket, fields, flag in entries
         ]
-        return self._admit(model, keys, delivered, reclaimed=False)
+        return self._admit(model, self._keys.for_model(model), delivered, reclaimed=False)
 
     @guard
     def reclaim_expired(self, model: str, consumer: str, max_count: int) -> list[ClaimedRequest]:

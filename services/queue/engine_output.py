@@ -12,11 +12,22 @@ from redis.exceptions import NoScriptError
 
 from services.messages import TokenChunk
 from services.queue import codec
-from services.queue.engine_redis import EngineRedis
+from services.queue.engine_redis import Command, EngineRedis
 from services.queue.keys import ENGINE_GROUP, ModelKeys, split_ticket
 from services.queue.outage import guard
 from services.queue.output_stream import collect_tokens
 from services.queue.scripts import LuaScript
+
+
+@dataclass(frozen=True)
+class StepWrite:
+    """One step's write as Redis commands, in the order they are sent: the ready-set count
+    first, then the chunks, the acknowledgements (``finishes``) and, when ``polled`` is not
+    empty, the cancellation poll last."""
+
+    commands: list[Command]
+    finishes: slice
+    polled: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -37,9 +48,7 @@ class EngineOutput(EngineRedis):
         """Write all chunks of one engine step in one round trip."""
         if not chunks:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        self._queue_chunks(pipe, chunks)
-        pipe.execute()
+        self._pipeline_of(self._chunk_commands(chunks)).execute()
 
     @guard
     def append_and_poll_cancels(
@@ -52,44 +61,69 @@ class EngineOutput(EngineRedis):
         """The per-step call of an engine, one round trip: append ``chunks``, then acknowledge
         the requests in ``acknowledged`` (request id -> entry id) whose final chunk is written
         (by this call or an earlier one) and free their admission slots; say which of
-        ``running_ids`` a client has cancelled and whether any request waits to be claimed."""
+        ``running_ids`` a client has cancelled and whether any request waits to be claimed.
+        The step writer sends the same commands (``step_write``) without waiting for them."""
+        write = self.step_write(model, chunks, running_ids, acknowledged or {})
+        return self.step_reply(write, self._pipeline_of(write.commands).execute(raise_on_error=False))
+
+    def step_write(
+        self,
+        model: str,
+        chunks: Sequence[TokenChunk],
+        running_ids: Sequence[str],
+        acknowledged: Mapping[str, str],
+    ) -> StepWrite:
+        """The commands of one step's write (see ``append_and_poll_cancels``), in order."""
         keys = self._keys.for_model(model)
-        acknowledged = acknowledged or {}
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zcard(keys.ready)  # first reply: bands that may hold requests nobody claimed yet
-        self._queue_chunks(pipe, chunks)
-        self._queue_finishes(pipe, keys, acknowledged)
+        commands: list[Command] = [("ZCARD", keys.ready)]  # bands that may hold unclaimed requests
+        commands.extend(self._chunk_commands(chunks))
+        first_finish = len(commands)
+        commands.extend(self._finish_commands(keys, acknowledged))
+        finishes = slice(first_finish, len(commands))
         if running_ids:
-            pipe.smismember(keys.cancelled, list(running_ids))
-        replies = pipe.execute(raise_on_error=False)
+            commands.append(("SMISMEMBER", keys.cancelled, *running_ids))
+        return StepWrite(commands, finishes, tuple(running_ids))
+
+    @guard
+    def step_reply(self, write: StepWrite, replies: Sequence[Any]) -> StepReply:
+        """Read the replies to ``write.commands`` (an error reply as the exception). Raises the
+        first error, but for scripts Redis lost (it restarted empty): those run again here."""
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if errors and all(isinstance(error, NoScriptError) for error in errors):
-            # Redis lost its scripts (it restarted empty); the rest of the write went through.
+            # The rest of the write went through; only the finishes need the script back.
             self._redis.script_load(LuaScript.FINISH.value)
-            again = self._redis.pipeline(transaction=False)
-            self._queue_finishes(again, keys, acknowledged)
-            again.execute()
+            self._pipeline_of(write.commands[write.finishes]).execute()
         elif errors:
             raise errors[0]
-        cancelled = _members(running_ids, replies[-1]) if running_ids else set()
+        cancelled = _members(write.polled, replies[-1]) if write.polled else set()
         return StepReply(cancelled, work_waiting=int(replies[0]) > 0)
 
-    def _queue_finishes(self, pipe: Pipeline, keys: ModelKeys, acknowledged: Mapping[str, str]) -> None:
+    def _pipeline_of(self, commands: Iterable[Command]) -> Pipeline:
+        pipe = self._redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return pipe
+
+    def _chunk_commands(self, chunks: Iterable[TokenChunk]) -> list[Command]:
+        commands: list[Command] = []
+        for chunk in chunks:
+            key = self._keys.output(chunk.request_id)
+            commands.append(("XADD", key, "*", *codec.flatten(codec.encode_chunk(chunk))))
+            if chunk.finish_reason is not None:
+                commands.append(("PEXPIRE", key, self._config.output_ttl_ms))
+        return commands
+
+    def _finish_commands(self, keys: ModelKeys, acknowledged: Mapping[str, str]) -> list[Command]:
         # A bare EVALSHA: handed a registered Script, redis-py's pipeline first asks Redis whether
         # the script exists, one more round trip on every write that finishes a request.
         finish_sha = self._scripts[LuaScript.FINISH].sha
+        commands: list[Command] = []
         for request_id, ticket in acknowledged.items():
             call = _finish_call(keys, request_id, ticket)
             if call is not None:
                 finish_keys, finish_args = call
-                pipe.evalsha(finish_sha, len(finish_keys), *finish_keys, *finish_args)
-
-    def _queue_chunks(self, pipe: Any, chunks: Iterable[TokenChunk]) -> None:
-        for chunk in chunks:
-            key = self._keys.output(chunk.request_id)
-            pipe.xadd(key, codec.encode_chunk(chunk))
-            if chunk.finish_reason is not None:
-                pipe.pexpire(key, self._config.output_ttl_ms)
+                commands.append(("EVALSHA", finish_sha, len(finish_keys), *finish_keys, *finish_args))
+        return commands
 
     @guard
     def cancelled(self, model: str, request_ids: Sequence[str]) -> set[str]:
