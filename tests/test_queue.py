@@ -232,29 +232,12 @@ def test_cancel_reaches_the_engine_holding_the_request(redis_url: str) -> None:
         step = [TokenChunk("keep", 0, (1,)), TokenChunk("stop", 0, (2,))]
         reply = engine.append_and_poll_cancels(MODEL, step, ["keep", "stop"])
         assert reply.cancelled == {"stop"}
-        assert not reply.work_waiting, "both requests are claimed"
         assert engine.cancelled(MODEL, ["keep", "stop"]) == {"stop"}
         engine.append([TokenChunk("stop", 1, (), finish_reason=FinishReason.ABORT)])
         engine.finish(MODEL, held[1].entry_id, "stop")
         assert engine.cancelled(MODEL, ["stop"]) == set(), "finishing clears the cancel mark"
     assert with_client(redis_url, config, lambda client: client.cancel(MODEL, "stop")) is False
     assert read_all(redis_url, "stop")[-1].finish_reason is FinishReason.ABORT
-
-
-def test_the_step_write_says_whether_requests_wait_to_be_claimed(redis_url: str) -> None:
-    """A busy engine asks the queue for work only when its last step's write saw some waiting."""
-    config = QueueConfig(key_prefix="tl-step-write")  # its own keys: other tests leave requests behind
-    with EngineQueue(redis_url, config) as engine:
-        engine.ensure_group(MODEL)
-        assert engine.claim(MODEL, "e", 1, 0) == []  # clears what the ready set lazily holds
-        assert not engine.append_and_poll_cancels(MODEL, [], []).work_waiting, "nothing enqueued yet"
-        enqueue_all(redis_url, config, request("first"), request("second"))
-        assert engine.append_and_poll_cancels(MODEL, [], []).work_waiting
-        assert len(engine.claim(MODEL, "e", 1, 0)) == 1
-        assert engine.append_and_poll_cancels(MODEL, [], []).work_waiting, "one is still waiting"
-        assert len(engine.claim(MODEL, "e", 1, 0)) == 1
-        engine.claim(MODEL, "e", 1, 0)  # finds the band empty and clears it
-        assert not engine.append_and_poll_cancels(MODEL, [], []).work_waiting
 
 
 def _script_command_calls(client: redis.Redis) -> int:

@@ -39,7 +39,7 @@ def test_write_claims_what_fits_the_offer_and_nothing_without_one(redis_url: str
             enqueue(redis_url, "second", prompt_tokens=40)  # 3 blocks
             writer.submit([TokenChunk("running", 0, (7,))], {}, ["running"])
             result = writer.settle()
-            assert result is not None and result.work_waiting and result.claimed == []
+            assert result is not None and result.claimed == [], "no offer, no claim"
 
             writer.submit([], {}, ["running"], ClaimOffer(slots=4, kv=KvBudget(4, 16, 64)))
             result = writer.settle()
@@ -54,7 +54,7 @@ def test_write_claims_what_fits_the_offer_and_nothing_without_one(redis_url: str
 
             writer.submit([], {}, ["running"], ClaimOffer(slots=4, kv=KvBudget(8, 16, 64)))
             result = writer.settle()
-            assert result is not None and not result.work_waiting and result.claimed == []
+            assert result is not None and result.claimed == []
         finally:
             writer.close()
 

@@ -21,9 +21,9 @@ from services.queue.scripts import LuaScript
 
 @dataclass(frozen=True)
 class StepWrite:
-    """One step's write as Redis commands, in the order they are sent: the ready-set count
-    first, then the chunks, the acknowledgements (``finishes``) and, when ``polled`` is not
-    empty, the cancellation poll last."""
+    """One step's write as Redis commands, in the order they are sent: the chunks, the
+    acknowledgements (``finishes``) and, when ``polled`` is not empty, the cancellation poll
+    last."""
 
     commands: list[Command]
     finishes: slice
@@ -32,12 +32,9 @@ class StepWrite:
 
 @dataclass(frozen=True)
 class StepReply:
-    """What the per-step write brings back. ``work_waiting``: some priority band may hold
-    requests nobody claimed yet (the ready set is cleared lazily, so True can be stale; False
-    is exact at the time of the write)."""
+    """What the per-step write brings back: which of the polled requests a client cancelled."""
 
     cancelled: set[str]
-    work_waiting: bool
 
 
 class EngineOutput(EngineRedis):
@@ -61,8 +58,8 @@ class EngineOutput(EngineRedis):
         """The per-step call of an engine, one round trip: append ``chunks``, then acknowledge
         the requests in ``acknowledged`` (request id -> entry id) whose final chunk is written
         (by this call or an earlier one) and free their admission slots; say which of
-        ``running_ids`` a client has cancelled and whether any request waits to be claimed.
-        The step writer sends the same commands (``step_write``) without waiting for them."""
+        ``running_ids`` a client has cancelled. The step writer sends the same commands
+        (``step_write``) without waiting for their replies."""
         write = self.step_write(model, chunks, running_ids, acknowledged or {})
         return self.step_reply(write, self._pipeline_of(write.commands).execute(raise_on_error=False))
 
@@ -75,8 +72,7 @@ class EngineOutput(EngineRedis):
     ) -> StepWrite:
         """The commands of one step's write (see ``append_and_poll_cancels``), in order."""
         keys = self._keys.for_model(model)
-        commands: list[Command] = [("ZCARD", keys.ready)]  # bands that may hold unclaimed requests
-        commands.extend(self._chunk_commands(chunks))
+        commands = self._chunk_commands(chunks)
         first_finish = len(commands)
         commands.extend(self._finish_commands(keys, acknowledged))
         finishes = slice(first_finish, len(commands))
@@ -95,8 +91,7 @@ class EngineOutput(EngineRedis):
             self._pipeline_of(write.commands[write.finishes]).execute()
         elif errors:
             raise errors[0]
-        cancelled = _members(write.polled, replies[-1]) if write.polled else set()
-        return StepReply(cancelled, work_waiting=int(replies[0]) > 0)
+        return StepReply(_members(write.polled, replies[-1]) if write.polled else set())
 
     def _pipeline_of(self, commands: Iterable[Command]) -> Pipeline:
         pipe = self._redis.pipeline(transaction=False)

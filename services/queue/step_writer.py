@@ -5,8 +5,8 @@ step N+1; before it sends step N+1's write it reads step N's replies, which have
 the socket meanwhile. So at most one write is in flight and the loop is never more than one
 step ahead of Redis. A write is one pipeline: the chunks, the acknowledgements of requests
 whose final chunk it carries (or that an earlier write completed), the poll for
-cancellations, whether any request waits to be claimed, and, when the loop offers room, a
-claim of what fits it: a busy engine takes new work without stopping its steps for Redis.
+cancellations and, when the loop offers room, a claim of what fits it: a busy engine takes
+new work without stopping its steps for Redis.
 
 Send and read happen on the loop's own thread. An earlier version handed each write to a
 writer thread; that thread woke for every reply and took the interpreter lock from the
@@ -53,7 +53,6 @@ class WriteResult:
     chunks: list[TokenChunk]
     acknowledged: dict[str, str]  # request id -> queue entry id
     cancelled: set[str] = field(default_factory=set)
-    work_waiting: bool = True  # False: no request waited to be claimed when the write ran
     claimed: list[ClaimedRequest] = field(default_factory=list)  # taken by the write: admit them
     error: QueueUnavailableError | None = None
 
@@ -125,9 +124,7 @@ class OutputWriter:
         except QueueUnavailableError as error:
             return WriteResult(in_flight.chunks, in_flight.acknowledged, error=error)
         claimed = [] if in_flight.offer is None else self._claimed(replies[-1], in_flight.offer)
-        return WriteResult(
-            in_flight.chunks, in_flight.acknowledged, reply.cancelled, reply.work_waiting, claimed
-        )
+        return WriteResult(in_flight.chunks, in_flight.acknowledged, reply.cancelled, claimed)
 
     def close(self) -> None:
         """Hand the connection back (a write still in flight is dropped: settle it first)."""
