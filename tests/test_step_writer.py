@@ -12,6 +12,7 @@ from services.messages import GenerationRequest, SamplingParams, TokenChunk
 from services.queue import EngineQueue, KvBudget, QueueClient, QueueConfig, codec
 from services.queue.keys import QueueKeys
 from services.queue.output_stream import collect_tokens
+from services.queue.redis_server import RedisServer
 from services.queue.step_writer import ClaimOffer, OutputWriter
 
 MODEL = "writer-model"
@@ -74,8 +75,13 @@ def test_a_write_claims_after_redis_lost_its_scripts(redis_url: str) -> None:
             writer.close()
 
 
-def test_a_write_redis_dropped_is_reported_whole_and_the_next_goes_through(redis_url: str) -> None:
-    with EngineQueue(redis_url, CONFIG) as queue, redis.Redis.from_url(redis_url) as admin:
+def test_a_write_redis_dropped_is_reported_whole_and_the_next_goes_through() -> None:
+    # A Redis of its own: the test drops every client connection but its own.
+    with (
+        RedisServer() as server,
+        EngineQueue(server.url, CONFIG) as queue,
+        redis.Redis.from_url(server.url) as admin,
+    ):
         queue.ensure_group(MODEL)
         writer = OutputWriter(queue, MODEL, "writer-consumer")
         try:
