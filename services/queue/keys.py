@@ -29,6 +29,7 @@ with per-request keys, and such names are refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -56,7 +57,7 @@ class ModelKeys:
     cancelled: str
     dead: str
 
-    @property
+    @functools.cached_property
     def bands(self) -> tuple[str, ...]:
         """Every band's stream, most urgent first (index i holds priority ``PRIORITIES[i]``)."""
         return tuple(self.band(priority) for priority in PRIORITIES)
@@ -66,21 +67,28 @@ class ModelKeys:
         return self.requests if priority == 0 else f"{self.requests}.p{priority}"
 
 
+# Bounded: the ingress looks up names clients send, and unknown ones must not pile up.
+@functools.lru_cache(maxsize=256)
+def _model_keys(prefix: str, model: str) -> ModelKeys:
+    base = f"{prefix}:{model}"
+    return ModelKeys(
+        requests=f"{base}:requests",
+        ready=f"{base}:ready",
+        doorbell=f"{base}:doorbell",
+        active=f"{base}:active",
+        cancelled=f"{base}:cancelled",
+        dead=f"{base}:dead",
+    )
+
+
 @dataclass(frozen=True)
 class QueueKeys:
     prefix: str = "tl"
 
     def for_model(self, model: str) -> ModelKeys:
         _check_model(model)
-        base = f"{self.prefix}:{model}"
-        return ModelKeys(
-            requests=f"{base}:requests",
-            ready=f"{base}:ready",
-            doorbell=f"{base}:doorbell",
-            active=f"{base}:active",
-            cancelled=f"{base}:cancelled",
-            dead=f"{base}:dead",
-        )
+        # An engine asks on every step (its write, its claim): built once per prefix and model.
+        return _model_keys(self.prefix, model)
 
     def output(self, request_id: str) -> str:
         check_request_id(request_id)
