@@ -81,7 +81,7 @@ def run_plan(
 
     in_process, samples = run_in_process_side(path, settings, workload, log)
     stack, stack_samples, extra = run_stack_side(
-        path, settings, workload, plan.probe_samples, log, grpc_ingress
+        path, settings, workload, plan.probe_samples, plan.rest_s, log, grpc_ingress
     )
     samples.update(stack_samples)
     samples["tokenize_encode"] = probe_tokenizer(tokenizer, workload.all_texts(), plan.probe_samples)

@@ -28,6 +28,7 @@ class PipelinePlan:
     warmup_requests: int
     probe_samples: int
     quick: bool
+    rest_s: float  # the stack is watched this long at rest, between warm-up and the timed runs
     seed: int = 0
 
 
@@ -38,6 +39,7 @@ def plan_for(quick: bool) -> PipelinePlan:
         warmup_requests=HIGH,
         probe_samples=50 if quick else 200,
         quick=quick,
+        rest_s=5.0 if quick else 10.0,
     )
 
 

@@ -116,18 +116,44 @@ def latency_budgets(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return {"ttft_p50_added_ms": ttft, "itl_p50_added_ms": itl}
 
 
+def is_stack_process(label: str) -> bool:
+    """Every process of the stack but the engine replicas and the benchmark's own client:
+    ingress, detokenizer, tokenizer, proxy if any, Redis, Ray's own."""
+    return "engine-" not in label and not label.startswith("this process")
+
+
+def stack_cpu_s(cpu: Mapping[str, Any]) -> float:
+    """CPU seconds of the stack's processes (``is_stack_process``) in a ``cpu_delta`` breakdown."""
+    return sum(float(row["cpu_s"]) for label, row in cpu["processes"].items() if is_stack_process(label))
+
+
 def stack_cpu_us_per_token(cpu: Mapping[str, Any]) -> float:
-    """CPU of every process of the stack except the engine replicas and the benchmark's own
-    client (ingress, detokenizer, tokenizer, proxy if any, Redis, Ray's own), per token
-    streamed at c=16, in microseconds. NaN without a CPU breakdown (not Linux)."""
+    """The stack's CPU (``stack_cpu_s``) per token streamed at c=16, in microseconds. NaN
+    without a CPU breakdown (not Linux)."""
     if not cpu or not cpu.get("output_tokens"):
         return float("nan")
-    stack_cpu = sum(
-        float(row["cpu_s"])
-        for label, row in cpu["processes"].items()
-        if "engine-" not in label and not label.startswith("this process")
-    )
-    return 1e6 * stack_cpu / float(cpu["output_tokens"])
+    return 1e6 * stack_cpu_s(cpu) / float(cpu["output_tokens"])
+
+
+def stack_cpu_split(during: Mapping[str, Any], at_rest: Mapping[str, Any]) -> dict[str, float]:
+    """``stack_cpu_us_per_token`` split into the part the stack spends at rest whatever it
+    streams (its rate at rest spread over the c=16 run's tokens per second: the floor at that
+    throughput) and the rest, which streaming adds. NaN where either breakdown is missing."""
+    if not during or not during.get("output_tokens") or not at_rest or not at_rest.get("wall_s"):
+        keys = (
+            "stack_cpu_at_rest_ms_per_s",
+            "stack_cpu_floor_us_per_token",
+            "stack_cpu_streaming_us_per_token",
+        )
+        return dict.fromkeys(keys, float("nan"))
+    rest_rate = stack_cpu_s(at_rest) / float(at_rest["wall_s"])  # CPU seconds per second
+    tokens_per_s = float(during["output_tokens"]) / float(during["wall_s"])
+    floor = 1e6 * rest_rate / tokens_per_s
+    return {
+        "stack_cpu_at_rest_ms_per_s": 1e3 * rest_rate,
+        "stack_cpu_floor_us_per_token": floor,
+        "stack_cpu_streaming_us_per_token": stack_cpu_us_per_token(during) - floor,
+    }
 
 
 def assemble(
@@ -150,11 +176,13 @@ def assemble(
         "stages": stages_from(samples),
         "stack_engine_loop": {},
         "cpu_during_stack_c16": {},
+        "cpu_at_rest": {},
         "redis_commands_c16": {},
         **extra,
         "greedy_agreement": agreement,
     }
     results["stack_cpu_us_per_token"] = stack_cpu_us_per_token(results["cpu_during_stack_c16"])
+    results.update(stack_cpu_split(results["cpu_during_stack_c16"], results["cpu_at_rest"]))
     results["latency_budgets"] = latency_budgets(results)
     results["targets"] = check_targets(results)
     return results
@@ -219,6 +247,20 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines.append(
         f"stack CPU (all but engines and the client): {results['stack_cpu_us_per_token']:.0f} us/token"
     )
+    rest = results["cpu_at_rest"]
+    if rest:
+        lines += [
+            f"  at rest ({rest['wall_s']:.0f} s, nothing streaming) the stack spends "
+            f"{results['stack_cpu_at_rest_ms_per_s']:.1f} ms of CPU per s: "
+            f"{results['stack_cpu_floor_us_per_token']:.0f} us/token at the c={HIGH} throughput; "
+            f"streaming adds {results['stack_cpu_streaming_us_per_token']:.0f}",
+        ]
+        at_rest = (
+            f"{name} {1e3 * row['cpu_s'] / rest['wall_s']:.1f}"
+            for name, row in rest["processes"].items()
+            if is_stack_process(name)
+        )
+        lines.append("  at rest, ms of CPU per s: " + ", ".join(at_rest))
     commands = results["redis_commands_c16"]
     if commands:
         most = ", ".join(f"{name} {count:.2f}" for name, count in list(commands["by_command"].items())[:8])

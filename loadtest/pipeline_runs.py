@@ -187,11 +187,13 @@ def run_stack_side(
     settings: EngineSettings,
     workload: Workload,
     probe_samples: int,
+    rest_s: float,
     log: Log,
     grpc_ingress: str | None = None,
 ) -> tuple[Side, dict[str, list[float]], dict[str, Any]]:
     """The stack side; also the stage probes that need the live stack, and the replica's step
-    count and the CPU per process during the c=16 run (``extra``)."""
+    count, the CPU per process during the c=16 run and during ``rest_s`` seconds at rest
+    after the warm-up (``extra``)."""
     from services.server import running_stack
 
     side = Side()
@@ -199,6 +201,7 @@ def run_stack_side(
     extra: dict[str, Any] = {
         "stack_engine_loop": {},
         "cpu_during_stack_c16": {},
+        "cpu_at_rest": {},
         "redis_commands_c16": {},
         "grpc_ingress": config.grpc_ingress,
     }
@@ -208,6 +211,8 @@ def run_stack_side(
         wait_ready(running.grpc_target, api_key)
         target = running.grpc_target
         run_stack_load(target, api_key, workload.texts[0], workload.output_tokens, HIGH, "warmup")
+        log(f"stack at rest: {rest_s:g} s")
+        extra["cpu_at_rest"] = cpu_at_rest(rest_s)
         for c in CONCURRENCIES:
             log(f"stack: {len(workload.texts[c])} requests at concurrency {c}")
             commands_before = command_calls(running.config.redis_url)
@@ -234,3 +239,11 @@ def run_stack_side(
         samples = probe_rpcs(target, api_key, workload.all_texts(), probe_samples)
         samples.update(probe_queue(running.config.redis_url, running.config.queue, probe_samples))
     return side, samples, extra
+
+
+def cpu_at_rest(seconds: float) -> dict[str, Any]:
+    """CPU per process while the stack streams nothing: what Ray, Serve, Redis and each replica
+    spend whatever the load (their timers, health checks, metrics, control loops)."""
+    before, start = cpu_by_process(os.getpid()), time.perf_counter()
+    time.sleep(seconds)
+    return cpu_delta(before, cpu_by_process(os.getpid()), 0, time.perf_counter() - start)

@@ -147,6 +147,30 @@ def synthetic_results() -> dict[str, object]:
         samples=samples,
         extra={
             "stack_engine_loop": {"steps": 10, "ms_per_step": 3.0, "how": "h"},
+            # 1,000 tokens in 2 s; the stack (all but the engine and the client) 0.5 CPU s of it
+            "cpu_during_stack_c16": cpu_delta(
+                {
+                    1: ("this process (benchmark client)", 0.0),
+                    2: ("ray::ServeReplica:app:engine-demo", 0.0),
+                    3: ("ray::ServeReplica:app:ingress", 0.0),
+                    4: ("redis-server", 0.0),
+                },
+                {
+                    1: ("this process (benchmark client)", 0.3),
+                    2: ("ray::ServeReplica:app:engine-demo", 1.5),
+                    3: ("ray::ServeReplica:app:ingress", 0.4),
+                    4: ("redis-server", 0.1),
+                },
+                tokens=1000,
+                wall_s=2.0,
+            ),
+            # at rest the stack spends 50 ms per s: at 500 tokens per s, 100 us of each token
+            "cpu_at_rest": cpu_delta(
+                {2: ("ray::ServeReplica:app:engine-demo", 0.0), 3: ("ray::ServeReplica:app:ingress", 0.0)},
+                {2: ("ray::ServeReplica:app:engine-demo", 0.2), 3: ("ray::ServeReplica:app:ingress", 0.5)},
+                tokens=0,
+                wall_s=10.0,
+            ),
             "redis_commands_c16": commands_per_request({"xadd": 10}, {"xadd": 106, "evalsha": 6}, 2),
         },
         agreement=1.0,
@@ -167,6 +191,11 @@ def test_result_document_keys_targets_and_json(tmp_path: Path) -> None:
     assert targets["ttft_p50_added_ms"]["met"] is True  # type: ignore[index]  # 15 <= 15
     assert targets["itl_p50_added_ms"]["met"] is True  # type: ignore[index]
     assert targets["ratio_throughput_c16"]["met"] is False  # type: ignore[index]
+    assert results["stack_cpu_us_per_token"] == pytest.approx(500.0)
+    assert results["stack_cpu_at_rest_ms_per_s"] == pytest.approx(50.0)
+    assert results["stack_cpu_floor_us_per_token"] == pytest.approx(100.0)
+    assert results["stack_cpu_streaming_us_per_token"] == pytest.approx(400.0)
+    assert targets["stack_cpu_us_per_token"]["met"] is False  # type: ignore[index]  # 500 > 300
     budget = results["latency_budgets"]["ttft_p50_added_ms"]  # type: ignore[index]
     assert sum(budget.values()) == pytest.approx(15.0)
 
@@ -181,3 +210,6 @@ def test_result_document_keys_targets_and_json(tmp_path: Path) -> None:
     commands_line = "Redis commands per request during the c=16 run (inside scripts included): 51.0"
     assert f"{commands_line} (xadd 48.00, evalsha 3.00" in table
     assert all(name in table for name in STAGES)
+    assert "stack CPU (all but engines and the client): 500 us/token" in table
+    assert "50.0 ms of CPU per s: 100 us/token at the c=16 throughput; streaming adds 400" in table
+    assert "at rest, ms of CPU per s: ray::ServeReplica:app:ingress 50.0" in table
